@@ -1,0 +1,64 @@
+"""Checkpoints: written atomically, read with ``weights_only=True``.
+
+A checkpoint is a plain dict. The authors' keys keep their meaning (``epoch``: epochs
+completed, ``state_dict``: the model, ``optimizer``: the optimizer); clusiam adds ``step``,
+``rng`` (to resume exactly), ``config`` (the resolved options) and ``normalization``
+(the mean/std the views were normalised with, which evaluation must reuse).
+"""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A file that is missing or is not a clusiam checkpoint."""
+
+
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
+    """Write ``state`` to ``path`` via a temporary file and a rename, so a crash never
+    leaves a half-written checkpoint under the final name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    try:
+        torch.save({"format_version": FORMAT_VERSION, **state}, temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a clusiam checkpoint safely (tensors and plain Python values only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist: check the path given to --resume/--checkpoint")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise CheckpointError(f"{path} is not a readable clusiam checkpoint ({type(error).__name__}: {error})") from error
+    missing = [key for key in ("epoch", "state_dict", "config") if key not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a clusiam checkpoint: it lacks {', '.join(missing)}")
+    return state
+
+
+def rng_state() -> dict[str, Any]:
+    """The random states a resumed run must continue from (torch CPU and CUDA, Python)."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,181 @@
+"""Patch folders: finding images, checking them up front, reading them as RGB, and the
+per-channel statistics the views are normalised with.
+
+Any layout works as long as patches are image files somewhere under the root, including
+the authors' ``root/<class>/<slide>/<patch>.png``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk every complete PNG ends with
+JPEG_END = b"\xff\xd9"  # end-of-image marker
+CHECK_CHUNK = 4096
+
+
+class DataError(Exception):
+    """Bad training data, with a message that names the file and what to do."""
+
+
+def find_images(root: str | os.PathLike) -> list[Path]:
+    """All image files under ``root`` at any depth, sorted for a stable order."""
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"data folder {root} does not exist: pass a folder of patch images, or no DATA_DIR for the demo")
+    if not root.is_dir():
+        raise DataError(f"data folder {root} is not a folder: pass the folder that holds the patch images")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise DataError(
+            f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}: "
+            "check the path, or tile slides into patches first"
+        )
+    return files
+
+
+def inspect_image(path: Path, min_size: int) -> str | None:
+    """Cheaply check one file; return what is wrong with it, or None if it is usable.
+
+    Reads the header and, for PNG and JPEG, the end-of-file marker, which catches
+    truncated files without decoding them. Other formats are decoded in full.
+    """
+    try:
+        if path.stat().st_size == 0:
+            return "empty file (0 bytes)"
+        with Image.open(path) as image:
+            width, height = image.size
+            fmt = image.format
+            if fmt not in ("PNG", "JPEG"):
+                image.load()
+    except Exception as error:  # PIL raises many types for unreadable files
+        return f"not a readable image ({type(error).__name__}: {error})"
+    if fmt in ("PNG", "JPEG"):
+        with open(path, "rb") as handle:
+            handle.seek(max(0, path.stat().st_size - 64))
+            tail = handle.read().rstrip(b"\x00") if fmt == "JPEG" else handle.read()
+        if not tail.endswith(PNG_END if fmt == "PNG" else JPEG_END):
+            return f"truncated {fmt} (no end-of-image marker)"
+    if min(width, height) < min_size:
+        return (
+            f"image is {width}x{height}, smaller than the crop size {min_size}: "
+            f"pass --image_size {min(width, height)} or less, or tile larger patches"
+        )
+    return None
+
+
+def check_images(
+    files: Sequence[Path], min_size: int, skip_bad_files: bool, report_path: Path | None = None
+) -> list[Path]:
+    """Check every file before training starts.
+
+    Without ``skip_bad_files`` the first bad file raises :class:`DataError`. With it, bad
+    files are left out, counted, and listed (path and reason) in ``report_path``.
+    """
+    bad: list[tuple[Path, str]] = []
+    good: list[Path] = []
+    with ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) * 4)) as pool, \
+            tqdm(total=len(files), desc="checking images", unit="file") as bar:
+        # In chunks, so millions of files never mean millions of pending futures.
+        for start in range(0, len(files), CHECK_CHUNK):
+            chunk = files[start : start + CHECK_CHUNK]
+            for path, problem in zip(chunk, pool.map(lambda p: inspect_image(p, min_size), chunk)):
+                if problem is None:
+                    good.append(path)
+                elif not skip_bad_files:
+                    raise DataError(f"{path}: {problem}. Fix or remove it, or pass --skip_bad_files to leave bad files out")
+                else:
+                    bad.append((path, problem))
+            bar.update(len(chunk))
+    if bad:
+        message = f"skipped {len(bad)} of {len(files)} files that cannot be used"
+        if report_path is not None:
+            report_path.parent.mkdir(parents=True, exist_ok=True)
+            report_path.write_text("".join(f"{p}\t{why}\n" for p, why in bad))
+            message += f"; the list with reasons is in {report_path}"
+        print(message)
+    if not good:
+        raise DataError(f"none of the {len(files)} images is usable; see the reasons above")
+    return good
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Decode one patch as 8-bit RGB (grey, RGBA and palette images are converted)."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except Exception as error:
+        raise DataError(f"{path}: cannot be decoded ({type(error).__name__}: {error})") from error
+
+
+class PatchDataset(Dataset):
+    """Patch files, each passed through ``transform`` after decoding to RGB."""
+
+    def __init__(self, files: Sequence[Path], transform: Callable[[Image.Image], object]) -> None:
+        self.files = list(files)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int):
+        return self.transform(load_rgb(self.files[index]))
+
+
+def file_list_key(files: Sequence[Path]) -> str:
+    """A digest of the exact file list (path, size, modification time)."""
+    digest = hashlib.sha256()
+    for path in files:
+        stat = path.stat()
+        digest.update(f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _pixel_moments(image: Image.Image) -> torch.Tensor:
+    """Per-channel sum, sum of squares (float64) and the pixel count of one image."""
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float64).reshape(-1, 3) / 255.0)
+    count = torch.tensor([float(pixels.shape[0])], dtype=torch.float64)
+    return torch.cat([pixels.sum(0), (pixels**2).sum(0), count])
+
+
+def channel_statistics(files: Sequence[Path], num_workers: int = 0) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std over every pixel of exactly ``files`` (values in [0, 1])."""
+    loader = DataLoader(
+        PatchDataset(files, _pixel_moments), batch_size=64, num_workers=num_workers, shuffle=False
+    )
+    total = torch.zeros(7, dtype=torch.float64)
+    for moments in tqdm(loader, desc="channel statistics", unit="batch"):
+        total += moments.sum(0)
+    count = total[6]
+    mean = total[:3] / count
+    std = (total[3:6] / count - mean**2).clamp(min=0).sqrt()
+    return mean.tolist(), std.tolist()
+
+
+def cached_channel_statistics(
+    files: Sequence[Path], cache_path: Path, num_workers: int = 0
+) -> tuple[list[float], list[float]]:
+    """:func:`channel_statistics`, reused from ``cache_path`` when it was computed over the
+    same file list (same paths, sizes and modification times) and recomputed otherwise."""
+    key = file_list_key(files)
+    if cache_path.is_file():
+        cached = json.loads(cache_path.read_text())
+        if cached.get("file_list_key") == key:
+            return cached["mean"], cached["std"]
+    mean, std = channel_statistics(files, num_workers)
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = cache_path.with_suffix(".tmp")
+    temporary.write_text(json.dumps({"file_list_key": key, "num_files": len(files), "mean": mean, "std": std}))
+    os.replace(temporary, cache_path)
+    return mean, std

@@ -1,0 +1,27 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="clusiam",
+    version="0.1.0",
+    description="CluSiam / CluBYOL self-supervised pretraining for histopathology patches",
+    long_description=Path(__file__).with_name("README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["clusiam", "clusiam.*"]),
+    package_data={"clusiam": ["assets/*"]},
+    install_requires=[
+        "torch>=2.1",
+        "torchvision>=0.16",
+        "lightly>=1.5",
+        "numpy",
+        "pillow",
+        "pyyaml",
+        "tqdm",
+        "tensorboard",
+        "scikit-learn",
+        "tiffslide",
+    ],
+    extras_require={"test": ["pytest"]},
+)

@@ -1,0 +1,145 @@
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clusiam.data import (
+    DataError,
+    cached_channel_statistics,
+    channel_statistics,
+    check_images,
+    find_images,
+    load_rgb,
+)
+from clusiam.train import main
+from conftest import tiny_run_args
+
+
+def save_png(path, size=40, seed=0, mode="RGB"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    Image.fromarray(pixels).convert(mode).save(path)
+    return path
+
+
+def png_bytes(size=40):
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((size, size, 3), 120, np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_a_missing_or_empty_folder_is_refused_with_its_name(tmp_path):
+    with pytest.raises(DataError, match=f"{tmp_path / 'nope'} does not exist"):
+        find_images(tmp_path / "nope")
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "sub" / "notes.txt").write_text("no patches here")
+    with pytest.raises(DataError, match="no images .* found under .*empty"):
+        find_images(tmp_path / "empty")
+
+
+def test_images_are_found_at_any_depth_including_the_authors_layout(tmp_path):
+    paths = [save_png(tmp_path / "tumor" / "slide_1" / "0_0.png"), save_png(tmp_path / "a.png"),
+             save_png(tmp_path / "x" / "y" / "z" / "w" / "deep.PNG")]
+    (tmp_path / "tumor" / "slide_1" / "coords.h5").write_bytes(b"not an image")
+    assert find_images(tmp_path) == sorted(paths)
+
+
+def write_bad(tmp_path, kind):
+    path = tmp_path / "tumor" / "slide" / f"{kind}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "truncated":
+        path.write_bytes(png_bytes()[:-30])
+    elif kind == "not_an_image":
+        path.write_text("<html>this is a web page saved as png</html>")
+    elif kind == "too_small":
+        save_png(path, size=20)
+    elif kind == "truncated_jpeg":
+        path = path.with_suffix(".jpg")
+        buffer = io.BytesIO()
+        noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        Image.fromarray(noise).save(buffer, format="JPEG")
+        path.write_bytes(buffer.getvalue()[:-500])  # cut inside the scan data, past the header
+    return path
+
+
+@pytest.mark.parametrize("kind, reason", [
+    ("empty", "empty file"),
+    ("truncated", "truncated PNG"),
+    ("truncated_jpeg", "truncated JPEG"),
+    ("not_an_image", "not a readable image"),
+    ("too_small", "20x20, smaller than the crop size 32: pass --image_size 20"),
+])
+def test_each_bad_file_stops_the_run_naming_the_file(tmp_path, kind, reason):
+    good = [save_png(tmp_path / "normal" / "slide" / f"{i}.png", seed=i) for i in range(3)]
+    bad = write_bad(tmp_path, kind)
+    with pytest.raises(DataError, match=reason) as error:
+        check_images(find_images(tmp_path), 32, skip_bad_files=False)
+    assert str(bad) in str(error.value) and "--skip_bad_files" in str(error.value)
+    assert check_images(good, 32, skip_bad_files=False) == good
+
+
+def test_the_cli_stops_before_training_on_a_bad_file(tiny_demo, tmp_path, capsys):
+    data = tmp_path / "data"
+    for i, source in enumerate(sorted(tiny_demo.rglob("*.png"))[:32]):
+        (data / f"{i}.png").parent.mkdir(parents=True, exist_ok=True)
+        (data / f"{i}.png").write_bytes(source.read_bytes())
+    bad = write_bad(data, "truncated")
+    assert main(tiny_run_args(data, tmp_path / "run", "--epochs", "1")) == 2
+    out = capsys.readouterr().out
+    assert f"error: {bad}: truncated PNG" in out
+    assert not (tmp_path / "run" / "last.pth").exists()
+
+
+def test_skip_bad_files_counts_and_lists_what_it_leaves_out(tmp_path, capsys):
+    good = [save_png(tmp_path / "ok" / f"{i}.png", seed=i) for i in range(4)]
+    bad = [write_bad(tmp_path, kind) for kind in ("empty", "truncated", "not_an_image", "too_small")]
+    report = tmp_path / "run" / "skipped_files.txt"
+    kept = check_images(find_images(tmp_path), 32, skip_bad_files=True, report_path=report)
+    assert kept == sorted(good)
+    assert f"skipped 4 of 8 files" in capsys.readouterr().out
+    listed = [line.split("\t")[0] for line in report.read_text().splitlines()]
+    assert sorted(listed) == sorted(map(str, bad))
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "RGB"])
+def test_images_are_read_as_rgb(tmp_path, mode):
+    path = tmp_path / f"{mode}.png"
+    pixels = np.random.default_rng(1).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    original = Image.fromarray(pixels).convert(mode)
+    original.save(path)
+    image = load_rgb(path)
+    assert image.mode == "RGB" and image.size == (16, 16)
+    np.testing.assert_array_equal(np.asarray(image), np.asarray(original.convert("RGB")))
+    if mode == "L":
+        rgb = np.asarray(image)
+        assert (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()
+
+
+def test_statistics_cover_exactly_the_training_files(tmp_path):
+    files = [save_png(tmp_path / "a" / "b" / f"{i}.png", size=24 + 8 * i, seed=i) for i in range(3)]
+    outsider = save_png(tmp_path / "a" / "outsider.png", size=64, seed=99)
+    mean, std = channel_statistics(files)
+    pixels = np.concatenate([np.asarray(Image.open(f)).reshape(-1, 3) / 255.0 for f in files])
+    np.testing.assert_allclose(mean, pixels.mean(0), atol=1e-9)
+    np.testing.assert_allclose(std, pixels.std(0), atol=1e-9)
+    with_outsider, _ = channel_statistics(files + [outsider])
+    assert not np.allclose(with_outsider, mean)
+
+
+def test_statistics_cache_is_reused_for_the_same_files_and_refreshed_when_they_change(tmp_path):
+    files = [save_png(tmp_path / "p" / f"{i}.png", seed=i) for i in range(3)]
+    cache = tmp_path / "run" / "normalization.json"
+    first = cached_channel_statistics(files, cache)
+    stored = json.loads(cache.read_text())
+    stored["mean"] = [0.1, 0.2, 0.3]  # if the cache is read, this marker comes back
+    cache.write_text(json.dumps(stored))
+    assert cached_channel_statistics(files, cache)[0] == [0.1, 0.2, 0.3]
+
+    assert cached_channel_statistics(files[:2], cache) == channel_statistics(files[:2])  # a different file list
+    save_png(files[0], seed=42)  # same path, new content
+    assert cached_channel_statistics(files, cache) == channel_statistics(files)
+    assert cached_channel_statistics(files, cache) != first

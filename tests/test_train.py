@@ -1,0 +1,122 @@
+import csv
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from clusiam.checkpoint import load_checkpoint
+from clusiam.config import ConfigError, parse_config
+from clusiam.models import PretrainModel
+from clusiam.train import build_optimizer, main, set_learning_rate, train
+from conftest import tiny_run_args
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_learning_rate_follows_the_authors_cosine_and_fix_pred_lr_holds_the_predictor():
+    model = PretrainModel("clusiam", "resnet18", feat_size=64, num_clusters=4)
+    init_lr, epochs = 0.1, 10
+    fixed = build_optimizer(model, init_lr, 0.9, 1e-4, fix_pred_lr=True)
+    free = build_optimizer(model, init_lr, 0.9, 1e-4, fix_pred_lr=False)
+    predictor = {id(p) for p in model.predictor.parameters()}
+    for epoch in range(epochs):
+        expected = init_lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+        set_learning_rate(fixed, init_lr, epoch, epochs)
+        set_learning_rate(free, init_lr, epoch, epochs)
+        for group in fixed.param_groups:
+            in_predictor = {id(p) in predictor for p in group["params"]}
+            assert len(in_predictor) == 1  # groups never mix predictor and other parameters
+            assert group["lr"] == pytest.approx(init_lr if in_predictor.pop() else expected)
+        assert [g["lr"] for g in free.param_groups] == [pytest.approx(expected)]
+    assert sum(len(g["params"]) for g in fixed.param_groups) == sum(1 for _ in model.parameters())
+
+
+def test_a_flag_overrides_the_config_file(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("model_type: clubyol\nlr: 0.1\nbatch_size: 8\nfix_pred_lr: true\nmean: [0.5, 0.5, 0.5]\nstd: [0.2, 0.2, 0.2]\n")
+    args = parse_config(["--config", str(config), "--lr", "0.2", "--no-fix_pred_lr"])
+    assert (args.model_type, args.lr, args.batch_size, args.fix_pred_lr) == ("clubyol", 0.2, 8, False)
+    assert args.mean == [0.5, 0.5, 0.5]
+    assert (args.feat_size, args.alpha) == (256, 0.9)  # the method's defaults fill what neither sets
+
+
+@pytest.mark.parametrize("text, message", [
+    ("lrr: 0.1\n", r"unknown option\(s\) lrr"),
+    ("lr: fast\n", "invalid float value"),
+    ("model_type: mocov9\n", "invalid choice"),
+])
+def test_a_bad_config_file_is_named_in_the_error(tmp_path, text, message):
+    config = tmp_path / "bad.yaml"
+    config.write_text(text)
+    with pytest.raises(ConfigError, match=message) as error:
+        parse_config(["--config", str(config)])
+    assert str(config) in str(error.value)
+
+
+def test_baselines_refuse_a_cluster_weight():
+    with pytest.raises(ConfigError, match="simsiam has no cluster head"):
+        parse_config(["--model_type", "simsiam", "--alpha", "0.5"])
+
+
+def final_weights(path):
+    return load_checkpoint(path)["state_dict"]
+
+
+@pytest.mark.parametrize("model_type", ["clusiam", "clubyol"])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_demo, tmp_path, model_type):
+    common = ["--model_type", model_type, "--seed", "3"]
+    whole = train(parse_config(tiny_run_args(tiny_demo, tmp_path / "whole", *common, "--epochs", "2")))
+    half = train(parse_config(tiny_run_args(tiny_demo, tmp_path / "split", *common, "--epochs", "1")))
+    resumed = train(parse_config(tiny_run_args(tiny_demo, tmp_path / "split", *common, "--epochs", "2", "--resume", str(half))))
+    a, b = final_weights(whole), final_weights(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6), key
+    first_epoch = final_weights(tmp_path / "split" / "checkpoint_0001.pth")
+    assert any(not torch.allclose(a[k].float(), first_epoch[k].float()) for k in a)  # the second epoch trained
+    assert load_checkpoint(resumed)["epoch"] == 2 and load_checkpoint(resumed)["step"] == 8
+
+
+def test_resume_refuses_a_different_architecture(tiny_demo, tmp_path):
+    first = train(parse_config(tiny_run_args(tiny_demo, tmp_path / "run", "--epochs", "1")))
+    with pytest.raises(ConfigError, match="--num_clusters 8, not 9"):
+        train(parse_config(tiny_run_args(tiny_demo, tmp_path / "run", "--resume", str(first), "--num_clusters", "9")))
+
+
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_demo, tmp_path, capsys):
+    good = train(parse_config(tiny_run_args(tiny_demo, tmp_path / "run", "--epochs", "1")))
+    saved = good.read_bytes()
+    # A NaN learning rate poisons the weights at the first step of epoch 2 (step 4), so the loss of step 5 is NaN.
+    code = main(tiny_run_args(tiny_demo, tmp_path / "run", "--epochs", "2", "--resume", str(good), "--lr", "nan"))
+    assert code == 2
+    assert "non-finite at step 5 (epoch 2)" in capsys.readouterr().out
+    assert good.read_bytes() == saved
+    assert not (tmp_path / "run" / "checkpoint_0002.pth").exists()
+
+
+@pytest.mark.parametrize("model_type", ["clusiam", "clubyol", "simsiam", "byol"])
+def test_each_model_type_trains_an_epoch_from_the_cli(tiny_demo, tmp_path, model_type):
+    assert main(tiny_run_args(tiny_demo, tmp_path, "--model_type", model_type, "--epochs", "1")) == 0
+    checkpoint = load_checkpoint(tmp_path / "last.pth")
+    assert checkpoint["epoch"] == 1 and checkpoint["config"]["model_type"] == model_type
+    assert set(checkpoint) >= {"state_dict", "optimizer", "rng", "normalization", "step"}
+    rows = list(csv.DictReader(open(tmp_path / "logs" / "epochs.csv")))
+    assert len(rows) == 1 and math.isfinite(float(rows[0]["loss"]))
+    if model_type.startswith("clu"):
+        assert 1 <= float(rows[0]["clusters_argmax"]) <= 8
+    assert list((tmp_path / "logs").glob("events.out.tfevents.*"))
+
+
+def test_pretrain_py_without_data_trains_on_the_demo_set(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "pretrain.py"), "--epochs", "1", "--image_size", "32", "--batch_size", "500",
+         "--num_worker", "0", "--num_clusters", "10", "--device", "cpu", "--save_path", str(tmp_path)],
+        capture_output=True, text=True, cwd=tmp_path, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "built-in demo set" in result.stdout
+    assert len(list((tmp_path / "demo_data").rglob("*.png"))) > 500
+    assert load_checkpoint(tmp_path / "last.pth")["step"] == 2
