@@ -107,21 +107,34 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 
 class EpochLog:
-    """Per-epoch averages, on the device until read, plus a CSV row per epoch."""
+    """One epoch's record: loss sums and the first non-finite step (kept on the device
+    until read), diagnostics of the logged steps, and a CSV row at the end."""
 
-    def __init__(self, csv_path: Path, diagnostic_names: Sequence[str]) -> None:
+    def __init__(self, csv_path: Path, diagnostic_names: Sequence[str], device: torch.device) -> None:
         self.csv_path = csv_path
         self.loss_sums: torch.Tensor | None = None
         self.loss_names: list[str] = []
         self.steps = 0
+        self.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
         self.diagnostic_sums = dict.fromkeys(diagnostic_names, 0.0)
         self.diagnostic_count = 0
 
-    def add_losses(self, losses: dict[str, torch.Tensor]) -> None:
+    def add_losses(self, losses: dict[str, torch.Tensor], step: int) -> None:
         values = torch.stack([value.detach() for value in losses.values()])
         self.loss_names = list(losses)
         self.loss_sums = values if self.loss_sums is None else self.loss_sums + values
         self.steps += 1
+        bad = ~torch.isfinite(losses["loss"].detach()) & (self.first_bad_step < 0)
+        self.first_bad_step = torch.where(bad, torch.full_like(self.first_bad_step, step), self.first_bad_step)
+
+    def stop_if_nonfinite(self, epoch: int, last: Path) -> None:
+        bad_step = int(self.first_bad_step)
+        if bad_step >= 0:
+            kept = f"the last good checkpoint {last} is untouched" if last.is_file() else "no checkpoint was written"
+            raise NonFiniteLossError(
+                f"the loss became non-finite at step {bad_step} (epoch {epoch + 1}); training stopped and {kept}. "
+                "Lower --lr, or look for corrupt images in the data."
+            )
 
     def add_diagnostics(self, diagnostics: dict[str, float]) -> None:
         for key, value in diagnostics.items():
@@ -144,6 +157,14 @@ class EpochLog:
             if new:
                 writer.writeheader()
             writer.writerow(row)
+
+
+def step_diagnostics(output: PretrainOutput) -> dict[str, float]:
+    """Collapse signals of one step (this reads values back to the host: logged steps only)."""
+    diagnostics = {"projection_std": projection_std(torch.cat(output.projections))}
+    if output.cluster_logits is not None:
+        diagnostics.update(cluster_diagnostics(torch.cat(output.cluster_logits)))
+    return {name: float(value) for name, value in diagnostics.items()}
 
 
 def train(args: argparse.Namespace) -> Path:
@@ -174,11 +195,14 @@ def train(args: argparse.Namespace) -> Path:
     if steps_per_epoch == 0:
         raise DataError(f"only {len(files)} usable images for --batch_size {args.batch_size}: lower --batch_size")
 
-    model = PretrainModel(args.model_type, args.backbone, args.feat_size, args.num_clusters).to(device)
-    channels_last = device.type == "cuda"
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-        torch.backends.cudnn.benchmark = True
+    # channels_last and bf16 autocast are what make convolutions fast on tensor cores.
+    on_gpu = device.type == "cuda"
+    memory_format = torch.channels_last if on_gpu else torch.preserve_format
+    autocast = on_gpu and args.precision == "bf16"
+    torch.backends.cudnn.benchmark = on_gpu
+    model = PretrainModel(args.model_type, args.backbone, args.feat_size, args.num_clusters)
+    model = model.to(device, memory_format=memory_format)
+    method = model.method
     init_lr = args.lr * args.batch_size / 256
     optimizer = build_optimizer(model, init_lr, args.momentum, args.weight_decay, args.fix_pred_lr)
     start_epoch, step = args.start_epoch, 0
@@ -190,9 +214,8 @@ def train(args: argparse.Namespace) -> Path:
         print(f"resumed {args.resume} at epoch {start_epoch}, step {step}")
 
     dataset = PatchDataset(files, TwoViews(paper_augmentation(args.image_size, mean, std)))
-    autocast = device.type == "cuda" and args.precision == "bf16"
-    method = model.method
     total_steps = steps_per_epoch * args.epochs
+    diagnostic_names = ["projection_std", *(CLUSTER_DIAGNOSTICS if method.clustered else ())]
     writer = SummaryWriter(str(log_dst))
     print(
         f"{args.model_type} ({args.backbone}) on {device}: {len(files)} images, {steps_per_epoch} steps/epoch, "
@@ -203,16 +226,14 @@ def train(args: argparse.Namespace) -> Path:
         lr = set_learning_rate(optimizer, init_lr, epoch, args.epochs)
         loader = DataLoader(
             dataset, batch_size=args.batch_size, shuffle=True, drop_last=True, num_workers=args.num_worker,
-            pin_memory=device.type == "cuda", generator=epoch_generator(args.seed, epoch),
+            pin_memory=on_gpu, generator=epoch_generator(args.seed, epoch),
         )
-        log = EpochLog(log_dst / "epochs.csv", ["projection_std", *(CLUSTER_DIAGNOSTICS if method.clustered else ())])
-        first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        log = EpochLog(log_dst / "epochs.csv", diagnostic_names, device)
         model.train()
         started = time.time()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch")
-        for x1, x2 in bar:
-            x1 = x1.to(device, non_blocking=True, memory_format=torch.channels_last if channels_last else torch.preserve_format)
-            x2 = x2.to(device, non_blocking=True, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+        for views in bar:
+            x1, x2 = (view.to(device, non_blocking=True, memory_format=memory_format) for view in views)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 output = model(x1, x2)
             losses = compute_losses(model, output, args.alpha, args.tau, args.eps)
@@ -223,28 +244,21 @@ def train(args: argparse.Namespace) -> Path:
                 momentum = (cosine_schedule(step, total_steps, args.target_momentum, 1.0)
                             if args.cosine_target_momentum else args.target_momentum)
                 model.update_target(momentum)
-            log.add_losses(losses)
-            bad = ~torch.isfinite(losses["loss"].detach()) & (first_bad_step < 0)
-            first_bad_step = torch.where(bad, torch.full_like(first_bad_step, step), first_bad_step)
+            log.add_losses(losses, step)
             step += 1
-            if step % args.print_freq == 0:
-                stop_if_nonfinite(first_bad_step, epoch, last)
-                values = {name: value for name, value in zip(losses, torch.stack(
-                    [v.detach() for v in losses.values()]).tolist())}
-                diagnostics = {"projection_std": projection_std(torch.cat(output.projections))}
-                if output.cluster_logits is not None:
-                    diagnostics.update(cluster_diagnostics(torch.cat(output.cluster_logits)))
-                diagnostics = {k: float(v) for k, v in diagnostics.items()}
+            if step % args.print_freq == 0:  # the only place the step's values reach the host
+                log.stop_if_nonfinite(epoch, last)
+                values = dict(zip(losses, torch.stack([v.detach() for v in losses.values()]).tolist()))
+                diagnostics = step_diagnostics(output)
                 log.add_diagnostics(diagnostics)
                 for name, value in {**values, **diagnostics, "lr": lr}.items():
                     writer.add_scalar(f"train/{name}", value, step)
-                bar.set_postfix({k: f"{v:.4f}" for k, v in values.items()})
-        stop_if_nonfinite(first_bad_step, epoch, last)
+                bar.set_postfix({name: f"{value:.4f}" for name, value in values.items()})
+        log.stop_if_nonfinite(epoch, last)
         seconds = time.time() - started
         averages = log.averages()
-        row = {"epoch": epoch + 1, "step": step, "lr": lr, **averages, "seconds": round(seconds, 2),
-               "images_per_s": round(log.steps * args.batch_size / max(seconds, 1e-9), 1)}
-        log.write_row(row)
+        log.write_row({"epoch": epoch + 1, "step": step, "lr": lr, **averages, "seconds": round(seconds, 2),
+                       "images_per_s": round(log.steps * args.batch_size / max(seconds, 1e-9), 1)})
         writer.flush()
         for warning in collapse_warnings(averages, args.num_clusters if method.clustered else None):
             print(f"warning (epoch {epoch + 1}): {warning}")
@@ -259,16 +273,6 @@ def train(args: argparse.Namespace) -> Path:
     writer.close()
     print(f"done: {last}")
     return last
-
-
-def stop_if_nonfinite(first_bad_step: torch.Tensor, epoch: int, last: Path) -> None:
-    bad_step = int(first_bad_step)
-    if bad_step >= 0:
-        kept = f"the last good checkpoint {last} is untouched" if last.is_file() else "no checkpoint was written"
-        raise NonFiniteLossError(
-            f"the loss became non-finite at step {bad_step} (epoch {epoch + 1}); training stopped and {kept}. "
-            "Lower --lr, or look for corrupt images in the data."
-        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
