@@ -120,3 +120,10 @@ def test_pretrain_py_without_data_trains_on_the_demo_set(tmp_path):
     assert "built-in demo set" in result.stdout
     assert len(list((tmp_path / "demo_data").rglob("*.png"))) > 500
     assert load_checkpoint(tmp_path / "last.pth")["step"] == 2
+
+
+def test_given_mean_and_std_are_used_instead_of_computed_statistics(tiny_demo, tmp_path):
+    mean, std = ["0.7", "0.5", "0.6"], ["0.2", "0.25", "0.3"]
+    last = train(parse_config(tiny_run_args(tiny_demo, tmp_path, "--epochs", "1", "--mean", *mean, "--std", *std)))
+    assert load_checkpoint(last)["normalization"] == {"mean": [0.7, 0.5, 0.6], "std": [0.2, 0.25, 0.3]}
+    assert not (tmp_path / "normalization.json").exists()
