@@ -21,7 +21,9 @@ setup(
         "tqdm",
         "tensorboard",
         "scikit-learn",
+        "matplotlib",
         "tiffslide",
+        "faiss-cpu",
     ],
     extras_require={"test": ["pytest"]},
 )

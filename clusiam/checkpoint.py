@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from clusiam.models import PretrainModel
+
 FORMAT_VERSION = 1
 
 
@@ -62,3 +64,16 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_pretrained(path: str | os.PathLike) -> tuple[PretrainModel, dict[str, Any]]:
+    """The trained network of a checkpoint (in eval mode) and the checkpoint itself.
+    Evaluation, MIL and export all read checkpoints through this one function."""
+    state = load_checkpoint(path)
+    config = state["config"]
+    model = PretrainModel(config["model_type"], config["backbone"], config["feat_size"], config["num_clusters"])
+    try:
+        model.load_state_dict(state["state_dict"])
+    except RuntimeError as error:
+        raise CheckpointError(f"{path}: weights do not fit a {config['model_type']}/{config['backbone']} network ({error})") from error
+    return model.eval(), state

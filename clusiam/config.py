@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
 import yaml
 
 from clusiam.backbones import BACKBONES
@@ -27,6 +28,19 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise ConfigError(message)
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device of a ``--device`` option: auto (a GPU when one is visible), cpu, cuda, cuda:N."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA GPU is visible; use --device cpu")
+    return device
 
 
 def build_parser() -> argparse.ArgumentParser:

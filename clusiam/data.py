@@ -6,10 +6,12 @@ the authors' ``root/<class>/<slide>/<patch>.png``.
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -179,3 +181,83 @@ def cached_channel_statistics(
     temporary.write_text(json.dumps({"file_list_key": key, "num_files": len(files), "mean": mean, "std": std}))
     os.replace(temporary, cache_path)
     return mean, std
+
+
+@dataclass
+class LabelledPatches:
+    """Patch files with a class label and the slide each comes from."""
+
+    paths: list[Path]
+    labels: list[str]
+    slides: list[str]
+
+
+def read_labelled_patches(source: str | os.PathLike) -> LabelledPatches:
+    """Labelled patches from a folder laid out ``root/<class>/<slide>/<patch>`` or from a
+    CSV with columns ``path, label, slide`` (relative paths are taken from the CSV's folder).
+    Every patch must belong to a slide; a listed file that does not exist is an error."""
+    source = Path(source)
+    if source.suffix.lower() == ".csv":
+        if not source.is_file():
+            raise DataError(f"label file {source} does not exist")
+        with open(source, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        missing_columns = {"path", "label", "slide"} - set(rows[0] if rows else {})
+        if missing_columns:
+            raise DataError(f"{source}: needs columns path, label, slide; missing {', '.join(sorted(missing_columns))}")
+        paths = [source.parent / row["path"] for row in rows]
+        absent = [p for p in paths if not p.is_file()]
+        if absent:
+            raise DataError(f"{source}: {len(absent)} listed files do not exist, e.g. {absent[0]}")
+        unassigned = [row["path"] for row in rows if not row["slide"].strip() or not row["label"].strip()]
+        if unassigned:
+            raise DataError(f"{source}: {len(unassigned)} rows have no slide or label, e.g. {unassigned[0]}")
+        return LabelledPatches(paths, [row["label"] for row in rows], [row["slide"] for row in rows])
+    files = find_images(source)
+    shallow = [p for p in files if len(p.relative_to(source).parts) < 3]
+    if shallow:
+        raise DataError(
+            f"{shallow[0]} is not in a <class>/<slide>/ folder under {source} ({len(shallow)} such files): "
+            "lay patches out as root/<class>/<slide>/<patch>, or list them in a CSV with path, label, slide"
+        )
+    parts = [p.relative_to(source).parts for p in files]
+    return LabelledPatches(files, [part[0] for part in parts], [part[1] for part in parts])
+
+
+def split_overlap(train: LabelledPatches, test: LabelledPatches) -> list[str]:
+    """What leaks between a training and a test split: slides in both, and test files
+    identical (same bytes) to training files. Only files whose size matches a file on the
+    other side are hashed, so this stays cheap for millions of patches."""
+    problems = []
+    shared_slides = sorted(set(train.slides) & set(test.slides))
+    if shared_slides:
+        problems.append(f"{len(shared_slides)} slide(s) are in both train and test, e.g. {', '.join(shared_slides[:3])}")
+    train_by_size: dict[int, list[Path]] = {}
+    for path in train.paths:
+        train_by_size.setdefault(path.stat().st_size, []).append(path)
+    digests: dict[Path, str] = {}
+
+    def digest(path: Path) -> str:
+        if path not in digests:
+            digests[path] = file_digest(path)
+        return digests[path]
+
+    identical = []
+    for path in test.paths:
+        candidates = train_by_size.get(path.stat().st_size, [])
+        match = next((c for c in candidates if digest(c) == digest(path)), None)
+        if match is not None:
+            identical.append((path, match))
+    if identical:
+        test_path, train_path = identical[0]
+        problems.append(f"{len(identical)} test file(s) are identical to training files, e.g. {test_path} = {train_path}")
+    return problems
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

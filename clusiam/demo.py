@@ -30,7 +30,7 @@ from PIL import Image
 from tqdm import tqdm
 
 CMU_SLIDE = Path(__file__).parent / "assets" / "cmu_small_region.svs"
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 
 # Ruifrok & Johnston's H&E optical-density vectors (RGB).
 HAEMATOXYLIN = np.array([0.65, 0.70, 0.29])
@@ -120,7 +120,8 @@ def tumour_region(rng: np.random.Generator, grid: int) -> np.ndarray:
 
 def write_synthetic(root: Path, spec: DemoSpec) -> None:
     """Write the synthetic slides under ``root/<normal|tumor>/<slide>/<x>_<y>.png`` with
-    ``patch_labels.csv`` (path, label, slide) and ``slide_labels.csv`` (slide, label)."""
+    ``patch_labels.csv`` (path, label, slide), ``slide_labels.csv`` (slide, label), and
+    ``knn_train.csv`` / ``knn_test.csv``: the patch labels split by slide, half of each class."""
     rng = np.random.default_rng(spec.seed)
     patch_rows, slide_rows = [], []
     slides = [(f"{label}_{i:03d}", label) for label in ("normal", "tumor") for i in range(spec.slides_per_class)]
@@ -138,6 +139,10 @@ def write_synthetic(root: Path, spec: DemoSpec) -> None:
         slide_rows.append((slide, slide_label))
     write_csv(root / "patch_labels.csv", ("path", "label", "slide"), patch_rows)
     write_csv(root / "slide_labels.csv", ("slide", "label"), slide_rows)
+    # A slide-disjoint split for patch-level evaluation: the first half of each class's slides train.
+    train_slides = {f"{label}_{i:03d}" for label in ("normal", "tumor") for i in range(spec.slides_per_class // 2)}
+    write_csv(root / "knn_train.csv", ("path", "label", "slide"), [r for r in patch_rows if r[2] in train_slides])
+    write_csv(root / "knn_test.csv", ("path", "label", "slide"), [r for r in patch_rows if r[2] not in train_slides])
 
 
 def write_csv(path: Path, header: tuple[str, ...], rows: list[tuple]) -> None:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from clusiam.augment import TwoViews, paper_augmentation
 from clusiam.checkpoint import CheckpointError, load_checkpoint, restore_rng_state, rng_state, save_checkpoint
-from clusiam.config import ConfigError, parse_config
+from clusiam.config import ConfigError, parse_config, resolve_device
 from clusiam.data import DataError, PatchDataset, cached_channel_statistics, check_images, find_images
 from clusiam.demo import prepare_demo
 from clusiam.losses import byol_invariance, cluster_similarity, simsiam_invariance
@@ -37,15 +37,6 @@ ARCHITECTURE_OPTIONS = ("model_type", "backbone", "feat_size", "num_clusters")
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; nothing was saved over the last good checkpoint."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: no CUDA GPU is visible; use --device cpu")
-    return device
 
 
 def build_optimizer(model: PretrainModel, init_lr: float, momentum: float, weight_decay: float,

@@ -23,3 +23,12 @@ def tiny_run_args(data_dir: Path, save_path: Path, *extra: str) -> list[str]:
         "--batch_size", "16", "--num_worker", "0", "--num_clusters", "8", "--print_freq", "1",
         "--save_freq", "1", *extra,
     ]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_demo, tmp_path_factory) -> Path:
+    """A CluSiam checkpoint after one epoch on the tiny demo set."""
+    from clusiam.config import parse_config
+    from clusiam.train import train
+
+    return train(parse_config(tiny_run_args(tiny_demo, tmp_path_factory.mktemp("run"), "--epochs", "1")))

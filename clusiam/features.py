@@ -1,0 +1,112 @@
+"""Batched encoding of patch files with a frozen encoder, shared by ``evaluate_knn.py`` and
+``mil/``: uint8 batches from DataLoader workers, normalised on the device, bf16 autocast and
+channels_last on GPU, no_grad, a progress bar, and an optional on-disk cache.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from clusiam.data import DataError, file_list_key, load_rgb
+from clusiam.models import PretrainModel
+
+FEATURE_TYPES = ("backbone", "projector")
+CACHE_VERSION = 1
+
+
+class PatchTensors(Dataset):
+    """Patches as uint8 (3, H, W) tensors, all of one size (``resize`` makes them so)."""
+
+    def __init__(self, files: Sequence[Path], size: int | None = None) -> None:
+        self.files = list(files)
+        self.size = size
+        self.expected = load_rgb(self.files[0]).size if self.files and size is None else (size, size)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        image = load_rgb(self.files[index])
+        if self.size is not None and image.size != self.expected:
+            image = image.resize(self.expected, resample=Image.BILINEAR)
+        elif image.size != self.expected:
+            width, height = self.expected
+            raise DataError(
+                f"{self.files[index]} is {image.size[0]}x{image.size[1]} but the first patch is "
+                f"{width}x{height}: pass --resize N to bring all patches to one size"
+            )
+        return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+
+
+class PixelFeatures(nn.Module):
+    """The raw-pixel baseline: the normalised image average-pooled to size x size, flattened."""
+
+    def __init__(self, size: int = 16) -> None:
+        super().__init__()
+        self.size = size
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(images, self.size).flatten(1)
+
+
+def feature_extractor(model: PretrainModel, feature: str = "backbone") -> nn.Module:
+    """The part of a pretrained network whose output is the feature: the pooled backbone
+    (the paper's choice) or backbone + projector."""
+    if feature not in FEATURE_TYPES:
+        raise ValueError(f"--feature {feature!r} is unknown; choose one of {', '.join(FEATURE_TYPES)}")
+    return model.backbone if feature == "backbone" else nn.Sequential(model.backbone, model.projector)
+
+
+@torch.no_grad()
+def encode(encoder: nn.Module, files: Sequence[Path], mean: Sequence[float], std: Sequence[float],
+           device: torch.device, batch_size: int = 256, num_workers: int = 4, resize: int | None = None,
+           out: np.ndarray | None = None, desc: str = "encoding") -> np.ndarray:
+    """Features (N, D) float32 of ``files`` in order, written into ``out`` when given."""
+    on_gpu = device.type == "cuda"
+    memory_format = torch.channels_last if on_gpu else torch.preserve_format
+    encoder = encoder.eval().to(device, memory_format=memory_format)
+    mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    loader = DataLoader(PatchTensors(files, resize), batch_size=batch_size, num_workers=num_workers, pin_memory=on_gpu)
+    start = 0
+    for batch in tqdm(loader, desc=desc, unit="batch"):
+        images = batch.to(device, non_blocking=True, memory_format=memory_format).float().div_(255)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
+            features = encoder((images - mean_t) / std_t).float().cpu().numpy()
+        if out is None:
+            out = np.empty((len(files), features.shape[1]), dtype=np.float32)
+        out[start : start + len(features)] = features
+        start += len(features)
+    return out
+
+
+def cached_encode(cache_dir: Path, identity: str, encoder: nn.Module, files: Sequence[Path],
+                  mean: Sequence[float], std: Sequence[float], device: torch.device, **options) -> tuple[np.ndarray, bool]:
+    """:func:`encode`, stored as ``cache_dir/<key>.npy`` and memory-mapped back. The key
+    covers ``identity`` (which encoder: e.g. the checkpoint's content digest and feature
+    type), the exact file list, the normalisation and the options. Returns the features
+    and whether they came from the cache."""
+    key_text = "\n".join([f"v{CACHE_VERSION}", identity, file_list_key(files), repr(list(mean)), repr(list(std)),
+                          repr(options.get("resize"))])
+    path = Path(cache_dir) / f"{hashlib.sha256(key_text.encode()).hexdigest()[:32]}.npy"
+    if path.is_file():
+        return np.load(path, mmap_mode="r"), True
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.stem + ".tmp.npy")
+    first = encode(encoder, files[:1], mean, std, device, **{**options, "desc": "probing"})
+    out = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.float32, shape=(len(files), first.shape[1]))
+    encode(encoder, files, mean, std, device, out=out, **options)
+    out.flush()
+    del out
+    os.replace(temporary, path)
+    return np.load(path, mmap_mode="r"), False

@@ -1,0 +1,209 @@
+"""The paper's patch-level evaluation as a report: top-1 KNN of test patches against
+training patches on frozen features, scored by F1, for one or many checkpoints and two
+baselines (a randomly initialised encoder of the same architecture, and raw pixels).
+
+    python evaluate_knn.py --checkpoint run/a.pth [run/b.pth ...] --train TRAIN --test TEST --out reports/knn
+
+TRAIN and TEST are folders laid out ``root/<class>/<slide>/<patch>`` or CSV files with
+columns path, label, slide.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from clusiam.checkpoint import CheckpointError, load_pretrained
+from clusiam.config import ConfigError, resolve_device
+from clusiam.data import DataError, LabelledPatches, file_digest, read_labelled_patches, split_overlap
+from clusiam.features import FEATURE_TYPES, PixelFeatures, cached_encode, feature_extractor
+from clusiam.knn import BACKENDS, choose_backend, l2_normalize, search, vote
+from clusiam.metrics import classification_metrics, plot_confusion_matrix, write_per_slide_accuracy
+from clusiam.models import PretrainModel
+
+PIXEL_BASELINE_SIZE = 16  # raw-pixel baseline: 16 x 16 x 3 = 768 values
+
+
+@dataclass
+class Encoder:
+    """A feature extractor and everything a report row needs to say about it."""
+
+    name: str
+    feature: str
+    module: nn.Module
+    mean: list[float]
+    std: list[float]
+    identity: str  # what makes its features unique, for the cache
+    checkpoint: str | None = None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="evaluate_knn.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", nargs="+", required=True, help="one or more clusiam checkpoints")
+    parser.add_argument("--train", required=True, help="training patches: root/<class>/<slide>/<patch> or a CSV (path, label, slide)")
+    parser.add_argument("--test", required=True, help="test patches, as --train")
+    parser.add_argument("--out", required=True, help="report folder")
+    parser.add_argument("--positive", default=None, help="positive class for binary F1 (default: tumor when present)")
+    parser.add_argument("--k", type=int, nargs="+", default=[1], help="neighbours; 1 is the paper's score (e.g. --k 1 5 20 200)")
+    parser.add_argument("--feature", default="backbone", choices=FEATURE_TYPES, help="backbone output (the paper's) or projector output")
+    parser.add_argument("--backend", default="auto", choices=["auto", *BACKENDS])
+    parser.add_argument("--device", default="auto", help="where features are computed: auto, cpu, cuda, cuda:N")
+    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--num_workers", type=int, default=4)
+    parser.add_argument("--resize", type=int, default=None, help="bring every patch to N x N pixels before encoding")
+    parser.add_argument("--cache_dir", default=None, help="feature cache (default: OUT/cache)")
+    parser.add_argument("--allow_overlap", action="store_true", help="evaluate even when train and test share slides or files")
+    parser.add_argument("--no_baselines", dest="baselines", action="store_false", help="skip the random-encoder and raw-pixel rows")
+    return parser
+
+
+def row_name(path: str) -> str:
+    """A file-system-safe name for a checkpoint path, e.g. runs/a/last.pth -> runs_a_last."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(Path(path).with_suffix(""))).strip("_")
+
+
+def checkpoint_encoders(paths: Sequence[str], feature: str) -> list[Encoder]:
+    encoders = []
+    for path in paths:
+        model, state = load_pretrained(path)
+        encoders.append(Encoder(
+            name=row_name(path), feature=feature, module=feature_extractor(model, feature),
+            mean=state["normalization"]["mean"], std=state["normalization"]["std"],
+            identity=f"checkpoint {file_digest(Path(path))} {feature}", checkpoint=str(path),
+        ))
+    return encoders
+
+
+def baseline_encoders(reference_checkpoint: str) -> list[Encoder]:
+    """A randomly initialised encoder of the reference checkpoint's architecture (seed 0)
+    and downsampled raw pixels, both with its normalisation."""
+    _, state = load_pretrained(reference_checkpoint)
+    config, normalization = state["config"], state["normalization"]
+    torch.manual_seed(0)
+    random_model = PretrainModel(config["model_type"], config["backbone"], config["feat_size"], config["num_clusters"])
+    return [
+        Encoder(f"random_{config['backbone']}", "backbone", random_model.backbone, normalization["mean"],
+                normalization["std"], f"random {config['model_type']} {config['backbone']} {config['feat_size']} seed0"),
+        Encoder("raw_pixels", f"pixels {PIXEL_BASELINE_SIZE}x{PIXEL_BASELINE_SIZE}", PixelFeatures(PIXEL_BASELINE_SIZE),
+                normalization["mean"], normalization["std"], f"pixels {PIXEL_BASELINE_SIZE}"),
+    ]
+
+
+def split_summary(patches: LabelledPatches) -> dict:
+    return {"patches": len(patches.paths), "slides": len(set(patches.slides)),
+            "classes": {c: patches.labels.count(c) for c in sorted(set(patches.labels))}}
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    """Run the evaluation and write the report folder; return the report."""
+    out = Path(args.out)
+    train, test = read_labelled_patches(args.train), read_labelled_patches(args.test)
+    problems = split_overlap(train, test)
+    if problems and not args.allow_overlap:
+        raise DataError("train and test overlap: " + "; ".join(problems) +
+                        ". Split by slide, or pass --allow_overlap to evaluate anyway (the report will say so)")
+    classes = sorted(set(train.labels) | set(test.labels))
+    positive = args.positive or ("tumor" if "tumor" in classes else None)
+    if positive is not None and positive not in classes:
+        raise ConfigError(f"--positive {positive!r} is not one of the classes {', '.join(classes)}")
+    if min(args.k) < 1:
+        raise ConfigError(f"--k must be at least 1 (got {min(args.k)})")
+    backend = choose_backend(args.backend)
+    device = resolve_device(args.device)
+    print(f"KNN on {backend}; features on {device}; {len(train.paths)} train / {len(test.paths)} test patches; "
+          f"classes {classes}, positive {positive}")
+
+    encoders = checkpoint_encoders(args.checkpoint, args.feature)
+    if args.baselines:
+        encoders += baseline_encoders(args.checkpoint[0])
+    class_index = {c: i for i, c in enumerate(classes)}
+    bank_labels = np.array([class_index[c] for c in train.labels])
+    cache_dir = Path(args.cache_dir) if args.cache_dir else out / "cache"
+    options = {"batch_size": args.batch_size, "num_workers": args.num_workers, "resize": args.resize}
+    rows = []
+    out.mkdir(parents=True, exist_ok=True)
+    for encoder in encoders:
+        started = time.perf_counter()
+        features, cached = {}, {}
+        for split, patches in (("train", train), ("test", test)):
+            features[split], cached[split] = cached_encode(
+                cache_dir, encoder.identity, encoder.module, patches.paths, encoder.mean, encoder.std, device,
+                desc=f"{encoder.name} {split}", **options)
+        encode_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        similarities, indices = search(l2_normalize(features["train"]), l2_normalize(features["test"]), max(args.k), backend)
+        search_seconds = time.perf_counter() - started
+        for k in args.k:
+            predicted = [classes[i] for i in vote(similarities, indices, bank_labels, k, len(classes))]
+            metrics = classification_metrics(test.labels, predicted, classes, positive)
+            rows.append({"encoder": encoder.name, "checkpoint": encoder.checkpoint, "feature": encoder.feature, "k": k,
+                         **metrics, "backend": backend, "features_cached": cached["train"] and cached["test"],
+                         "encode_seconds": round(encode_seconds, 3), "search_seconds": round(search_seconds, 3)})
+            if k == args.k[0]:
+                folder = out / encoder.name
+                folder.mkdir(exist_ok=True)
+                plot_confusion_matrix(metrics["confusion_matrix"], classes, f"{encoder.name} ({encoder.feature}, k={k})",
+                                      folder / "confusion_matrix.png")
+                write_per_slide_accuracy(folder / "per_slide.csv", test.slides, test.labels, predicted, positive)
+    report = {
+        "train": {"source": str(args.train), **split_summary(train)},
+        "test": {"source": str(args.test), **split_summary(test)},
+        "classes": classes, "positive": positive, "backend": backend, "device": str(device),
+        "warnings": [f"train/test overlap allowed by --allow_overlap: {p}" for p in problems],
+        "rows": rows,
+    }
+    write_report(out, report)
+    return report
+
+
+def write_report(out: Path, report: dict) -> None:
+    """``report.json`` (everything) and ``report.md`` (the tables a person reads)."""
+    temporary = out / "report.json.tmp"
+    temporary.write_text(json.dumps(report, indent=2))
+    os.replace(temporary, out / "report.json")
+    positive = report["positive"]
+    train, test = report["train"], report["test"]
+    lines = [
+        "# KNN patch classification",
+        "",
+        f"- train: `{train['source']}`: {train['patches']} patches from {train['slides']} slides {train['classes']}",
+        f"- test: `{test['source']}`: {test['patches']} patches from {test['slides']} slides {test['classes']}",
+        f"- positive class: {positive}; search backend: {report['backend']}; features on {report['device']}",
+        "",
+        f"| encoder | feature | k | F1 ({positive}) | macro F1 | accuracy | balanced accuracy | seconds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in report["rows"]:
+        f1 = "-" if row["f1"] is None else f"{row['f1']:.4f}"
+        seconds = row["encode_seconds"] + row["search_seconds"]
+        lines.append(f"| {row['encoder']} | {row['feature']} | {row['k']} | {f1} | {row['macro_f1']:.4f} | "
+                     f"{row['accuracy']:.4f} | {row['balanced_accuracy']:.4f} | {seconds:.1f} |")
+    lines += ["", "Per class (precision / recall / F1, support):", "",
+              "| encoder | k | " + " | ".join(report["classes"]) + " |",
+              "|---|---|" + "---|" * len(report["classes"])]
+    for row in report["rows"]:
+        cells = [f"{m['precision']:.3f} / {m['recall']:.3f} / {m['f1']:.3f} ({m['support']})" for m in row["per_class"].values()]
+        lines.append(f"| {row['encoder']} | {row['k']} | " + " | ".join(cells) + " |")
+    if report["warnings"]:
+        lines += ["", "**Warnings**", "", *[f"- {w}" for w in report["warnings"]]]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        evaluate(args)
+    except (ConfigError, DataError, CheckpointError) as error:
+        print(f"error: {error}")
+        return 2
+    print((Path(args.out) / "report.md").read_text())
+    return 0

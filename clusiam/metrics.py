@@ -1,0 +1,81 @@
+"""Classification metrics and the pictures and tables that report them."""
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt
+import numpy as np
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+)
+
+
+def classification_metrics(y_true: Sequence[str], y_pred: Sequence[str], classes: Sequence[str],
+                           positive: str | None) -> dict:
+    """F1 of the positive class (binary: positive vs the rest), macro F1, accuracy,
+    balanced accuracy, per-class precision/recall/F1/support and the confusion matrix
+    (rows: true class, columns: predicted, in ``classes`` order)."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=list(classes), zero_division=0
+    )
+    return {
+        "f1": float(f1_score(y_true == positive, y_pred == positive, zero_division=0)) if positive else None,
+        "macro_f1": float(f1_score(y_true, y_pred, labels=list(classes), average="macro", zero_division=0)),
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
+        "per_class": {
+            c: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+            for c, p, r, f, s in zip(classes, precision, recall, f1, support)
+        },
+        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=list(classes)).tolist(),
+    }
+
+
+def plot_confusion_matrix(matrix: Sequence[Sequence[int]], classes: Sequence[str], title: str, path: Path) -> None:
+    """Counts and row-normalised shading (recall per true class)."""
+    matrix = np.asarray(matrix)
+    shares = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
+    figure, axes = plt.subplots(figsize=(1.2 * len(classes) + 2.5, 1.2 * len(classes) + 2))
+    axes.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            axes.text(j, i, f"{matrix[i, j]}\n{shares[i, j]:.0%}", ha="center", va="center",
+                      color="white" if shares[i, j] > 0.5 else "black")
+    axes.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    axes.set_yticks(range(len(classes)), classes)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    axes.set_title(title, fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def write_per_slide_accuracy(path: Path, slides: Sequence[str], y_true: Sequence[str], y_pred: Sequence[str],
+                             positive: str | None) -> None:
+    """One row per slide: patches, correct, accuracy, and the true and predicted counts of
+    the positive class."""
+    rows: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+    for slide, truth, prediction in zip(slides, y_true, y_pred):
+        row = rows[slide]
+        row[0] += 1
+        row[1] += truth == prediction
+        row[2] += truth == positive
+        row[3] += prediction == positive
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["slide", "patches", "correct", "accuracy", f"true_{positive}", f"predicted_{positive}"])
+        for slide in sorted(rows):
+            patches, correct, true_positive, predicted_positive = rows[slide]
+            writer.writerow([slide, patches, correct, round(correct / patches, 4), true_positive, predicted_positive])

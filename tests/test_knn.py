@@ -1,0 +1,177 @@
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.metrics import f1_score
+from sklearn.neighbors import KNeighborsClassifier
+
+import clusiam.knn
+from clusiam.data import DataError, LabelledPatches, read_labelled_patches, split_overlap
+from clusiam.checkpoint import load_pretrained
+from clusiam.features import cached_encode, feature_extractor
+from clusiam.knn import l2_normalize, search, vote
+from clusiam.knn_eval import main
+from clusiam.metrics import classification_metrics
+from clusiam.config import parse_config
+from clusiam.train import train
+from conftest import tiny_run_args
+
+CLASSES = ["normal", "other", "tumor"]
+
+
+def random_problem(seed, n_bank=400, n_query=250, dim=24):
+    rng = np.random.default_rng(seed)
+    bank = rng.standard_normal((n_bank, dim)).astype(np.float32)
+    queries = rng.standard_normal((n_query, dim)).astype(np.float32)
+    bank_labels = rng.integers(0, 3, n_bank)
+    query_labels = rng.integers(0, 3, n_query)
+    return bank, queries, bank_labels, query_labels
+
+
+@pytest.mark.parametrize("backend", ["faiss-cpu", "torch-cpu"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_top1_neighbours_labels_and_f1_equal_scikit_learn(backend, seed):
+    bank, queries, bank_labels, query_labels = random_problem(seed)
+    reference = KNeighborsClassifier(n_neighbors=1, metric="cosine", algorithm="brute").fit(bank, bank_labels)
+    _, indices = search(l2_normalize(bank), l2_normalize(queries), 1, backend)
+    np.testing.assert_array_equal(indices[:, 0], reference.kneighbors(queries, 1, return_distance=False)[:, 0])
+    predicted = vote(*search(l2_normalize(bank), l2_normalize(queries), 1, backend), bank_labels, 1, 3)
+    np.testing.assert_array_equal(predicted, reference.predict(queries))
+
+    truth = [CLASSES[i] for i in query_labels]
+    names = [CLASSES[i] for i in predicted]
+    metrics = classification_metrics(truth, names, CLASSES, "tumor")
+    assert metrics["f1"] == pytest.approx(f1_score(truth, names, labels=["tumor"], average=None)[0])  # tumour vs rest
+    assert metrics["macro_f1"] == pytest.approx(f1_score(truth, names, average="macro"))
+    assert 0.15 < metrics["accuracy"] < 0.55  # random labels: about chance, so the test is not trivially 0 or 1
+
+
+def test_torch_search_merges_bank_chunks_exactly(monkeypatch):
+    bank, queries, _, _ = random_problem(3, n_bank=101)
+    expected_sim, expected_idx = search(l2_normalize(bank), l2_normalize(queries), 5, "faiss-cpu")
+    monkeypatch.setattr(clusiam.knn, "BANK_CHUNK", 7)
+    monkeypatch.setattr(clusiam.knn, "QUERY_CHUNK", 33)
+    sim, idx = search(l2_normalize(bank), l2_normalize(queries), 5, "torch-cpu")
+    np.testing.assert_array_equal(idx, expected_idx)
+    np.testing.assert_allclose(sim, expected_sim, atol=1e-5)
+
+
+def test_larger_k_votes_by_similarity():
+    labels = np.array([0, 1, 1])
+    indices = np.array([[0, 1, 2], [0, 1, 2]])
+    similarities = np.array([[0.99, 0.5, 0.5], [0.90, 0.89, 0.89]])
+    # one close neighbour outweighs two far ones; two nearly as close outweigh one
+    assert vote(similarities, indices, labels, 3, 2).tolist() == [0, 1]
+    assert vote(similarities, indices, labels, 1, 2).tolist() == [0, 0]
+
+
+def test_separable_features_are_classified_perfectly():
+    rng = np.random.default_rng(0)
+    centres = np.eye(3, 16, dtype=np.float32) * 10
+    bank_labels = np.repeat([0, 1, 2], 50)
+    query_labels = np.repeat([0, 1, 2], 20)
+    bank = centres[bank_labels] + rng.standard_normal((150, 16)).astype(np.float32)
+    queries = centres[query_labels] + rng.standard_normal((60, 16)).astype(np.float32)
+    predicted = vote(*search(l2_normalize(bank), l2_normalize(queries), 5, "faiss-cpu"), bank_labels, 5, 3)
+    assert classification_metrics([CLASSES[i] for i in query_labels], [CLASSES[i] for i in predicted], CLASSES, "tumor")["f1"] == 1.0
+
+
+def write_patch(path, seed):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_labels_come_from_the_folder_layout_or_a_csv(tmp_path):
+    a = write_patch(tmp_path / "tumor" / "slide_a" / "0_0.png", 1)
+    b = write_patch(tmp_path / "normal" / "slide_b" / "0_32.png", 2)
+    patches = read_labelled_patches(tmp_path)
+    assert (patches.paths, patches.labels, patches.slides) == ([b, a], ["normal", "tumor"], ["slide_b", "slide_a"])
+    listing = tmp_path / "labels.csv"
+    listing.write_text("path,label,slide\ntumor/slide_a/0_0.png,normal,s1\n")
+    assert read_labelled_patches(listing).labels == ["normal"]  # the CSV, not the folder name, decides
+    write_patch(tmp_path / "loose.png", 3)
+    with pytest.raises(DataError, match="loose.png is not in a <class>/<slide>/ folder"):
+        read_labelled_patches(tmp_path)
+    listing.write_text("path,label,slide\nmissing.png,tumor,s1\n")
+    with pytest.raises(DataError, match="1 listed files do not exist"):
+        read_labelled_patches(listing)
+
+
+def test_the_leakage_guard_finds_shared_slides_and_identical_files(tmp_path):
+    train = LabelledPatches([write_patch(tmp_path / "tr" / f"{i}.png", i) for i in range(3)], ["a"] * 3, ["s1", "s1", "s2"])
+    clean = LabelledPatches([write_patch(tmp_path / "te" / f"{i}.png", 10 + i) for i in range(2)], ["a"] * 2, ["s3", "s4"])
+    assert split_overlap(train, clean) == []
+    shared = LabelledPatches(clean.paths, clean.labels, ["s2", "s4"])
+    assert split_overlap(train, shared) == ["1 slide(s) are in both train and test, e.g. s2"]
+    copy = tmp_path / "te" / "copy.png"
+    copy.write_bytes(train.paths[1].read_bytes())
+    problems = split_overlap(train, LabelledPatches(clean.paths + [copy], ["a"] * 3, ["s3", "s4", "s5"]))
+    assert problems == [f"1 test file(s) are identical to training files, e.g. {copy} = {train.paths[1]}"]
+
+
+def test_feature_cache_is_reused_and_invalidated(tiny_demo, tiny_checkpoint, tmp_path):
+    model, state = load_pretrained(tiny_checkpoint)
+    files = sorted(tiny_demo.rglob("*.png"))[:20]
+    mean, std = state["normalization"]["mean"], state["normalization"]["std"]
+    encoder = feature_extractor(model)
+
+    def run(identity, paths):
+        return cached_encode(tmp_path, identity, encoder, paths, mean, std, torch.device("cpu"), batch_size=8, num_workers=0)
+
+    first, cached = run("ckpt-A backbone", files)
+    assert not cached and first.shape == (20, 512) and np.isfinite(first).all()
+    again, cached = run("ckpt-A backbone", files)
+    assert cached and np.array_equal(first, again)
+    assert not run("ckpt-B backbone", files)[1]  # another checkpoint
+    fewer, cached = run("ckpt-A backbone", files[:19])  # another file list
+    assert not cached and np.allclose(fewer, first[:19], atol=1e-5)
+
+
+def test_a_full_run_on_the_demo_set_writes_every_report_file(tiny_demo, tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "report"
+    args = ["--checkpoint", str(tiny_checkpoint), "--train", str(tiny_demo / "knn_train.csv"),
+            "--test", str(tiny_demo / "knn_test.csv"), "--out", str(out), "--k", "1", "5",
+            "--device", "cpu", "--num_workers", "0", "--batch_size", "16"]
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [(r["encoder"], r["k"]) for r in report["rows"]] == [
+        (name, k) for name in (report["rows"][0]["encoder"], "random_resnet18", "raw_pixels") for k in (1, 5)]
+    assert report["positive"] == "tumor" and report["backend"] == "faiss-cpu"
+    assert report["train"]["slides"] == 2 and report["test"]["slides"] == 2 and report["test"]["patches"] == 32
+    for row in report["rows"]:
+        assert 0 <= row["f1"] <= 1 and sum(map(sum, row["confusion_matrix"])) == 32
+        folder = out / row["encoder"]
+        assert Image.open(folder / "confusion_matrix.png").size[0] > 100
+        slides = list(csv.DictReader(open(folder / "per_slide.csv")))
+        assert sorted(s["slide"] for s in slides) == ["normal_001", "tumor_001"]
+    pixel_row = next(r for r in report["rows"] if r["encoder"] == "raw_pixels" and r["k"] == 1)
+    assert pixel_row["f1"] > 0.5  # synthetic tumour nuclei are large and dark: even pixels see them
+    assert "| raw_pixels | pixels 16x16 | 1 |" in (out / "report.md").read_text()
+    assert main(args) == 0
+    assert all(r["features_cached"] for r in json.loads((out / "report.json").read_text())["rows"])
+
+
+def test_overlapping_splits_are_refused_unless_allowed(tiny_demo, tiny_checkpoint, tmp_path, capsys):
+    args = ["--checkpoint", str(tiny_checkpoint), "--train", str(tiny_demo / "knn_train.csv"),
+            "--test", str(tiny_demo / "knn_train.csv"), "--out", str(tmp_path), "--device", "cpu",
+            "--num_workers", "0", "--no_baselines"]
+    assert main(args) == 2
+    assert "2 slide(s) are in both train and test" in capsys.readouterr().out
+    assert main(args + ["--allow_overlap"]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["warnings"] and report["rows"][0]["accuracy"] == 1.0  # every test patch finds itself
+
+
+def test_several_checkpoints_of_any_model_type_and_the_projector_feature(tiny_demo, tiny_checkpoint, tmp_path):
+    byol = train(parse_config(tiny_run_args(tiny_demo, tmp_path / "byol", "--model_type", "byol", "--epochs", "1")))
+    out = tmp_path / "report"
+    assert main(["--checkpoint", str(tiny_checkpoint), str(byol), "--train", str(tiny_demo / "knn_train.csv"),
+                 "--test", str(tiny_demo / "knn_test.csv"), "--out", str(out), "--device", "cpu",
+                 "--num_workers", "0", "--no_baselines", "--feature", "projector"]) == 0
+    rows = json.loads((out / "report.json").read_text())["rows"]
+    assert [(r["checkpoint"], r["feature"]) for r in rows] == [(str(tiny_checkpoint), "projector"), (str(byol), "projector")]
+    assert len({r["encoder"] for r in rows}) == 2
