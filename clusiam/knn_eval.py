@@ -127,6 +127,8 @@ def evaluate(args: argparse.Namespace) -> dict:
         encoders += baseline_encoders(args.checkpoint[0])
     class_index = {c: i for i, c in enumerate(classes)}
     bank_labels = np.array([class_index[c] for c in train.labels])
+    counts = {"train_patches": len(train.paths), "train_slides": len(set(train.slides)),
+              "test_patches": len(test.paths), "test_slides": len(set(test.slides))}
     cache_dir = Path(args.cache_dir) if args.cache_dir else out / "cache"
     options = {"batch_size": args.batch_size, "num_workers": args.num_workers, "resize": args.resize}
     rows = []
@@ -146,7 +148,7 @@ def evaluate(args: argparse.Namespace) -> dict:
             predicted = [classes[i] for i in vote(similarities, indices, bank_labels, k, len(classes))]
             metrics = classification_metrics(test.labels, predicted, classes, positive)
             rows.append({"encoder": encoder.name, "checkpoint": encoder.checkpoint, "feature": encoder.feature, "k": k,
-                         **metrics, "backend": backend, "features_cached": cached["train"] and cached["test"],
+                         **metrics, **counts, "backend": backend, "features_cached": cached["train"] and cached["test"],
                          "encode_seconds": round(encode_seconds, 3), "search_seconds": round(search_seconds, 3)})
             if k == args.k[0]:
                 folder = out / encoder.name
@@ -179,14 +181,15 @@ def write_report(out: Path, report: dict) -> None:
         f"- test: `{test['source']}`: {test['patches']} patches from {test['slides']} slides {test['classes']}",
         f"- positive class: {positive}; search backend: {report['backend']}; features on {report['device']}",
         "",
-        f"| encoder | feature | k | F1 ({positive}) | macro F1 | accuracy | balanced accuracy | seconds |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| encoder | feature | k | F1 ({positive}) | macro F1 | accuracy | balanced accuracy | train / test patches (slides) | backend | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["rows"]:
         f1 = "-" if row["f1"] is None else f"{row['f1']:.4f}"
         seconds = row["encode_seconds"] + row["search_seconds"]
         lines.append(f"| {row['encoder']} | {row['feature']} | {row['k']} | {f1} | {row['macro_f1']:.4f} | "
-                     f"{row['accuracy']:.4f} | {row['balanced_accuracy']:.4f} | {seconds:.1f} |")
+                     f"{row['accuracy']:.4f} | {row['balanced_accuracy']:.4f} | {row['train_patches']} ({row['train_slides']}) / "
+                     f"{row['test_patches']} ({row['test_slides']}) | {row['backend']} | {seconds:.1f} |")
     lines += ["", "Per class (precision / recall / F1, support):", "",
               "| encoder | k | " + " | ".join(report["classes"]) + " |",
               "|---|---|" + "---|" * len(report["classes"])]

@@ -144,6 +144,7 @@ def test_a_full_run_on_the_demo_set_writes_every_report_file(tiny_demo, tiny_che
     assert report["train"]["slides"] == 2 and report["test"]["slides"] == 2 and report["test"]["patches"] == 32
     for row in report["rows"]:
         assert 0 <= row["f1"] <= 1 and sum(map(sum, row["confusion_matrix"])) == 32
+        assert (row["train_patches"], row["train_slides"], row["test_patches"], row["test_slides"]) == (32, 2, 32, 2)
         folder = out / row["encoder"]
         assert Image.open(folder / "confusion_matrix.png").size[0] > 100
         slides = list(csv.DictReader(open(folder / "per_slide.csv")))
