@@ -83,6 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--batch_size", default=512, type=int)
     data.add_argument("--num_worker", default=8, type=int, help="data loading processes (0 = in the main process)")
     data.add_argument("--image_size", default=224, type=int, help="side of each augmented view, in pixels")
+    data.add_argument("--augment", default="batched", choices=["batched", "pil"],
+                      help="batched: workers decode uint8 patches and the views are made in batch on the training "
+                           "device; pil: the paper's pipeline, PIL transforms in the workers")
+    data.add_argument("--vflip", default=False, action=argparse.BooleanOptionalAction,
+                      help="pathology option: vertical flips (p = 0.5) as well as horizontal ones")
+    data.add_argument("--rotate90", default=False, action=argparse.BooleanOptionalAction,
+                      help="pathology option: random rotations by 0, 90, 180 or 270 degrees")
+    data.add_argument("--hed_jitter", default=0.0, type=float,
+                      help="pathology option: H&E stain jitter strength (Tellez et al. 2018 use 0.05); 0 = off")
     data.add_argument("--mean", default=None, type=float, nargs=3, help="per-channel mean (default: computed over the training files)")
     data.add_argument("--std", default=None, type=float, nargs=3, help="per-channel std (default: computed over the training files)")
     data.add_argument("--skip_bad_files", default=False, action=argparse.BooleanOptionalAction,
@@ -148,6 +157,8 @@ def parse_config(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name in ("epochs", "batch_size", "image_size", "print_freq", "save_freq", "feat_size"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name} must be at least 1 (got {getattr(args, name)})")
+    if args.augment == "pil" and (args.vflip or args.rotate90 or args.hed_jitter):
+        raise ConfigError("--vflip, --rotate90 and --hed_jitter need --augment batched")
     if args.num_worker < 0:
         raise ConfigError(f"--num_worker must be 0 or more (got {args.num_worker})")
     args.save_path = args.save_path or os.path.join("runs", args.model_type)

@@ -47,52 +47,62 @@ def find_images(root: str | os.PathLike) -> list[Path]:
     return files
 
 
-def inspect_image(path: Path, min_size: int) -> str | None:
-    """Cheaply check one file; return what is wrong with it, or None if it is usable.
+def inspect_image(path: Path, min_size: int) -> tuple[str | None, tuple[int, int] | None]:
+    """Cheaply check one file; return what is wrong with it (None if it is usable) and
+    its (width, height) when readable.
 
     Reads the header and, for PNG and JPEG, the end-of-file marker, which catches
     truncated files without decoding them. Other formats are decoded in full.
     """
     try:
         if path.stat().st_size == 0:
-            return "empty file (0 bytes)"
+            return "empty file (0 bytes)", None
         with Image.open(path) as image:
-            width, height = image.size
+            size = image.size
             fmt = image.format
             if fmt not in ("PNG", "JPEG"):
                 image.load()
     except Exception as error:  # PIL raises many types for unreadable files
-        return f"not a readable image ({type(error).__name__}: {error})"
+        return f"not a readable image ({type(error).__name__}: {error})", None
     if fmt in ("PNG", "JPEG"):
         with open(path, "rb") as handle:
             handle.seek(max(0, path.stat().st_size - 64))
             tail = handle.read().rstrip(b"\x00") if fmt == "JPEG" else handle.read()
         if not tail.endswith(PNG_END if fmt == "PNG" else JPEG_END):
-            return f"truncated {fmt} (no end-of-image marker)"
-    if min(width, height) < min_size:
+            return f"truncated {fmt} (no end-of-image marker)", size
+    if min(size) < min_size:
         return (
-            f"image is {width}x{height}, smaller than the crop size {min_size}: "
-            f"pass --image_size {min(width, height)} or less, or tile larger patches"
-        )
-    return None
+            f"image is {size[0]}x{size[1]}, smaller than the crop size {min_size}: "
+            f"pass --image_size {min(size)} or less, or tile larger patches"
+        ), size
+    return None, size
 
 
 def check_images(
-    files: Sequence[Path], min_size: int, skip_bad_files: bool, report_path: Path | None = None
+    files: Sequence[Path], min_size: int, skip_bad_files: bool, report_path: Path | None = None,
+    same_size: bool = False,
 ) -> list[Path]:
     """Check every file before training starts.
 
     Without ``skip_bad_files`` the first bad file raises :class:`DataError`. With it, bad
-    files are left out, counted, and listed (path and reason) in ``report_path``.
+    files are left out, counted, and listed (path and reason) in ``report_path``. With
+    ``same_size``, a file whose size differs from the first usable file's is bad too
+    (batches of uint8 patches need one size).
     """
     bad: list[tuple[Path, str]] = []
     good: list[Path] = []
+    expected_size = None
     with ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) * 4)) as pool, \
             tqdm(total=len(files), desc="checking images", unit="file") as bar:
         # In chunks, so millions of files never mean millions of pending futures.
         for start in range(0, len(files), CHECK_CHUNK):
             chunk = files[start : start + CHECK_CHUNK]
-            for path, problem in zip(chunk, pool.map(lambda p: inspect_image(p, min_size), chunk)):
+            for path, (problem, size) in zip(chunk, pool.map(lambda p: inspect_image(p, min_size), chunk)):
+                if problem is None and same_size:
+                    expected_size = expected_size or size
+                    if size != expected_size:
+                        problem = (f"image is {size[0]}x{size[1]}, unlike the {expected_size[0]}x{expected_size[1]} of "
+                                   f"{good[0]}: batched augmentation needs patches of one size; re-tile, or pass --augment pil")
                 if problem is None:
                     good.append(path)
                 elif not skip_bad_files:
@@ -133,6 +143,11 @@ class PatchDataset(Dataset):
 
     def __getitem__(self, index: int):
         return self.transform(load_rgb(self.files[index]))
+
+
+def uint8_tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB PIL image as a (3, H, W) uint8 tensor."""
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
 
 
 def file_list_key(files: Sequence[Path]) -> str:

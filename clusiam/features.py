@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from clusiam.data import DataError, file_list_key, load_rgb
+from clusiam.data import DataError, file_list_key, load_rgb, uint8_tensor
 from clusiam.models import PretrainModel
 
 FEATURE_TYPES = ("backbone", "projector")
@@ -45,7 +45,7 @@ class PatchTensors(Dataset):
                 f"{self.files[index]} is {image.size[0]}x{image.size[1]} but the first patch is "
                 f"{width}x{height}: pass --resize N to bring all patches to one size"
             )
-        return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+        return uint8_tensor(image)
 
 
 class PixelFeatures(nn.Module):

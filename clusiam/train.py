@@ -1,7 +1,9 @@
 """The pretraining loop: data checks and statistics, the training step, logging,
 checkpoints and exact resumption.
 
-Data flows one way: patch files -> augmented views (DataLoader workers) -> model -> loss.
+Data flows one way: patch files -> uint8 batches (DataLoader workers) -> views made in
+batch on the training device -> model -> loss (or, with ``--augment pil``, the paper's
+PIL views made in the workers).
 The step never reads a value back to the host; logged scalars are read every
 ``--print_freq`` steps, which is also where a non-finite loss is caught.
 """
@@ -22,10 +24,10 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from clusiam.augment import TwoViews, paper_augmentation
+from clusiam.augment import BatchViews, TwoViews, ViewRecipe, paper_augmentation
 from clusiam.checkpoint import CheckpointError, load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from clusiam.config import ConfigError, parse_config, resolve_device
-from clusiam.data import DataError, PatchDataset, cached_channel_statistics, check_images, find_images
+from clusiam.data import DataError, PatchDataset, cached_channel_statistics, check_images, find_images, uint8_tensor
 from clusiam.demo import prepare_demo
 from clusiam.losses import byol_invariance, cluster_similarity, simsiam_invariance
 from clusiam.models import PretrainModel, PretrainOutput
@@ -88,7 +90,8 @@ def prepare_files(args: argparse.Namespace, save_path: Path) -> list[Path]:
         data_dir = prepare_demo(save_path / "demo_data")
         print(f"no DATA_DIR given: training on the built-in demo set in {data_dir}")
     files = find_images(data_dir)
-    return check_images(files, args.image_size, args.skip_bad_files, save_path / "skipped_files.txt")
+    return check_images(files, args.image_size, args.skip_bad_files, save_path / "skipped_files.txt",
+                        same_size=args.augment == "batched")
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -204,7 +207,12 @@ def train(args: argparse.Namespace) -> Path:
         restore_rng_state(checkpoint["rng"])
         print(f"resumed {args.resume} at epoch {start_epoch}, step {step}")
 
-    dataset = PatchDataset(files, TwoViews(paper_augmentation(args.image_size, mean, std)))
+    if args.augment == "batched":  # workers decode; views are made on the device
+        dataset = PatchDataset(files, uint8_tensor)
+        recipe = ViewRecipe(vflip_p=0.5 if args.vflip else 0.0, rotate90=args.rotate90, hed_jitter=args.hed_jitter)
+        batch_views = BatchViews(args.image_size, mean, std, recipe)
+    else:  # the paper's pipeline: workers decode and augment with PIL
+        dataset = PatchDataset(files, TwoViews(paper_augmentation(args.image_size, mean, std)))
     total_steps = steps_per_epoch * args.epochs
     diagnostic_names = ["projection_std", *(CLUSTER_DIAGNOSTICS if method.clustered else ())]
     writer = SummaryWriter(str(log_dst))
@@ -223,7 +231,8 @@ def train(args: argparse.Namespace) -> Path:
         model.train()
         started = time.time()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch")
-        for views in bar:
+        for batch in bar:
+            views = batch_views(batch.to(device, non_blocking=True)) if args.augment == "batched" else batch
             x1, x2 = (view.to(device, non_blocking=True, memory_format=memory_format) for view in views)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 output = model(x1, x2)

@@ -143,3 +143,11 @@ def test_statistics_cache_is_reused_for_the_same_files_and_refreshed_when_they_c
     save_png(files[0], seed=42)  # same path, new content
     assert cached_channel_statistics(files, cache) == channel_statistics(files)
     assert cached_channel_statistics(files, cache) != first
+
+
+def test_batched_augmentation_needs_patches_of_one_size(tmp_path):
+    first = save_png(tmp_path / "a" / "0.png", size=40)
+    odd = save_png(tmp_path / "a" / "1.png", size=48)
+    with pytest.raises(DataError, match=f"{odd}: image is 48x48, unlike the 40x40 of {first}.*--augment pil"):
+        check_images([first, odd], 32, skip_bad_files=False, same_size=True)
+    assert check_images([first, odd], 32, skip_bad_files=False) == [first, odd]

@@ -65,9 +65,9 @@ def final_weights(path):
     return load_checkpoint(path)["state_dict"]
 
 
-@pytest.mark.parametrize("model_type", ["clusiam", "clubyol"])
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_demo, tmp_path, model_type):
-    common = ["--model_type", model_type, "--seed", "3"]
+@pytest.mark.parametrize("model_type, augment", [("clusiam", "batched"), ("clubyol", "batched"), ("clusiam", "pil")])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_demo, tmp_path, model_type, augment):
+    common = ["--model_type", model_type, "--seed", "3", "--augment", augment]
     whole = train(parse_config(tiny_run_args(tiny_demo, tmp_path / "whole", *common, "--epochs", "2")))
     half = train(parse_config(tiny_run_args(tiny_demo, tmp_path / "split", *common, "--epochs", "1")))
     resumed = train(parse_config(tiny_run_args(tiny_demo, tmp_path / "split", *common, "--epochs", "2", "--resume", str(half))))
@@ -127,3 +127,12 @@ def test_given_mean_and_std_are_used_instead_of_computed_statistics(tiny_demo, t
     last = train(parse_config(tiny_run_args(tiny_demo, tmp_path, "--epochs", "1", "--mean", *mean, "--std", *std)))
     assert load_checkpoint(last)["normalization"] == {"mean": [0.7, 0.5, 0.6], "std": [0.2, 0.25, 0.3]}
     assert not (tmp_path / "normalization.json").exists()
+
+
+def test_pathology_augmentations_train_from_the_cli_and_need_the_batched_pipeline(tiny_demo, tmp_path, capsys):
+    options = ["--epochs", "1", "--vflip", "--rotate90", "--hed_jitter", "0.05"]
+    assert main(tiny_run_args(tiny_demo, tmp_path, *options)) == 0
+    config = load_checkpoint(tmp_path / "last.pth")["config"]
+    assert (config["vflip"], config["rotate90"], config["hed_jitter"]) == (True, True, 0.05)
+    assert main(tiny_run_args(tiny_demo, tmp_path / "pil", *options, "--augment", "pil")) == 2
+    assert "need --augment batched" in capsys.readouterr().out
