@@ -6,6 +6,7 @@ then normalisation with the training set's own per-channel mean and std.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Sequence
@@ -161,7 +162,8 @@ def shift_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     hue = torch.where(chroma.squeeze(1) > 0, hue / 6, torch.zeros_like(hue))
     hue = (hue + shift.view(-1, 1, 1)) % 1.0
     # HSV -> RGB: channel n (5, 3, 1 for r, g, b) is v - c * clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6.
-    k = (torch.tensor([5.0, 3.0, 1.0], device=images.device).view(1, 3, 1, 1) + 6 * hue.unsqueeze(1)) % 6
+    offsets = torch.arange(5.0, 0.0, -2.0, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)  # 5, 3, 1
+    k = (offsets + 6 * hue.unsqueeze(1)) % 6
     return (value - chroma * torch.minimum(k, 4 - k).clamp(0, 1)).clamp_(0, 1)
 
 
@@ -194,11 +196,17 @@ def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return flat.view(n, c, height, width)
 
 
+@functools.lru_cache
+def stain_matrices(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """RGB-from-HED and its inverse on ``device``, copied there once."""
+    return RGB_FROM_HED.to(device), torch.linalg.inv(RGB_FROM_HED).to(device)
+
+
 def hed_jitter(images: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """Perturb each image's haematoxylin, eosin and DAB optical densities: d' = d * scale + shift,
     with ``scale`` and ``shift`` of shape (N, 3)."""
-    rgb_from_hed = RGB_FROM_HED.to(images.device)
-    density = -torch.log(images.clamp(min=1e-6)).permute(0, 2, 3, 1) @ torch.linalg.inv(rgb_from_hed)
+    rgb_from_hed, hed_from_rgb = stain_matrices(images.device)
+    density = -torch.log(images.clamp(min=1e-6)).permute(0, 2, 3, 1) @ hed_from_rgb
     density = density * scale.view(-1, 1, 1, 3) + shift.view(-1, 1, 1, 3)  # unclamped: no draw, no change
     return torch.exp(-(density @ rgb_from_hed)).clamp(0, 1).permute(0, 3, 1, 2).contiguous()
 
@@ -216,6 +224,15 @@ class ViewParams(NamedTuple):
     sigma: torch.Tensor  # (N,)
     hed_scale: torch.Tensor  # (N, 3)
     hed_shift: torch.Tensor  # (N, 3)
+
+    def to_device(self, device: torch.device) -> "ViewParams":
+        """The draws on ``device`` in one copy. For a GPU the copy leaves pinned memory,
+        so it is asynchronous: a copy from pageable memory would wait for the GPU's queue."""
+        if device.type != "cuda":
+            return ViewParams(*(t.to(device) for t in self))
+        flat = torch.cat([t.reshape(len(t), -1).float() for t in self], 1).pin_memory().to(device, non_blocking=True)
+        pieces = flat.split([t[0].numel() for t in self], 1)
+        return ViewParams(*(piece.reshape(t.shape).to(t.dtype) for piece, t in zip(pieces, self)))
 
 
 def sample_view_params(n: int, height: int, width: int, recipe: ViewRecipe) -> ViewParams:
@@ -253,7 +270,9 @@ class BatchViews:
     def apply(self, images: torch.Tensor, params: ViewParams) -> torch.Tensor:
         """One view of float images in [0, 1] with the given draws."""
         device = images.device
-        p = ViewParams(*(t.to(device, non_blocking=True) for t in params))
+        if self.mean.device != device:  # copied once, not every step
+            self.mean, self.std = self.mean.to(device), self.std.to(device)
+        p = params.to_device(device)
         out = crop_resize(images, p.boxes, self.image_size, p.orientation)
         if self.recipe.hed_jitter > 0:
             out = hed_jitter(out, p.hed_scale, p.hed_shift)
@@ -262,9 +281,9 @@ class BatchViews:
         # Blur only the images that drew it; their indices are known on the host, no sync.
         blurred = params.blurred.nonzero().squeeze(1)
         if len(blurred):
-            blurred = blurred.to(device, non_blocking=True)
+            blurred = (blurred.pin_memory() if device.type == "cuda" else blurred).to(device, non_blocking=True)
             out = out.index_copy(0, blurred, gaussian_blur(out.index_select(0, blurred), p.sigma.index_select(0, blurred)))
-        return (out - self.mean.to(device)) / self.std.to(device)
+        return (out - self.mean) / self.std
 
     def __call__(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n, _, height, width = batch.shape

@@ -83,6 +83,21 @@ def compute_losses(model: PretrainModel, output: PretrainOutput, alpha: float, t
     return losses
 
 
+def training_step(model: PretrainModel, optimizer: torch.optim.Optimizer, x1: torch.Tensor, x2: torch.Tensor,
+                  args: argparse.Namespace, autocast: bool, target_momentum: float | None = None
+                  ) -> tuple[PretrainOutput, dict[str, torch.Tensor]]:
+    """One optimisation step on a pair of views; nothing is read back to the host."""
+    with torch.autocast(x1.device.type, dtype=torch.bfloat16, enabled=autocast):
+        output = model(x1, x2)
+    losses = compute_losses(model, output, args.alpha, args.tau, args.eps)
+    optimizer.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    optimizer.step()
+    if target_momentum is not None:
+        model.update_target(target_momentum)
+    return output, losses
+
+
 def prepare_files(args: argparse.Namespace, save_path: Path) -> list[Path]:
     """The checked list of training images (the demo set when no DATA_DIR is given)."""
     data_dir = args.data_dir
@@ -234,16 +249,11 @@ def train(args: argparse.Namespace) -> Path:
         for batch in bar:
             views = batch_views(batch.to(device, non_blocking=True)) if args.augment == "batched" else batch
             x1, x2 = (view.to(device, non_blocking=True, memory_format=memory_format) for view in views)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                output = model(x1, x2)
-            losses = compute_losses(model, output, args.alpha, args.tau, args.eps)
-            optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            optimizer.step()
+            momentum = None
             if method.momentum_target:
                 momentum = (cosine_schedule(step, total_steps, args.target_momentum, 1.0)
                             if args.cosine_target_momentum else args.target_momentum)
-                model.update_target(momentum)
+            output, losses = training_step(model, optimizer, x1, x2, args, autocast, momentum)
             log.add_losses(losses, step)
             step += 1
             if step % args.print_freq == 0:  # the only place the step's values reach the host
