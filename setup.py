@@ -9,7 +9,7 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["clusiam", "clusiam.*"]),
+    packages=find_packages(include=["clusiam", "clusiam.*", "mil", "mil.*"]),
     package_data={"clusiam": ["assets/*"]},
     install_requires=[
         "torch>=2.1",
@@ -24,6 +24,7 @@ setup(
         "matplotlib",
         "tiffslide",
         "faiss-cpu",
+        "h5py",
     ],
     extras_require={"test": ["pytest"]},
 )

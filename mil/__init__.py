@@ -1,0 +1,1 @@
+"""Slide-level evaluation with multiple-instance learning on frozen patch features."""

@@ -1,0 +1,131 @@
+"""Encode every patch of every slide with a pretrained checkpoint: one HDF5 bag per slide.
+
+    python -m mil.compute_feats --checkpoint runs/clusiam/last.pth --patches PATCH_ROOT --out feats/
+
+A slide is a folder holding patch images (``PATCH_ROOT/<class>/<slide>/`` or
+``PATCH_ROOT/<slide>/``). Each ``<out>/<slide>.h5`` holds ``features`` (N, D) float32,
+``paths`` (N,) relative to PATCH_ROOT, ``coords`` (N, 2) when every patch is named
+``<x>_<y>.<ext>`` (the tiler's names), and attributes naming the checkpoint and feature
+type. Finished slides are skipped on a rerun with the same checkpoint and feature type.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Sequence
+
+import h5py
+import numpy as np
+from tqdm import tqdm
+
+from clusiam.checkpoint import CheckpointError, load_pretrained
+from clusiam.config import ConfigError, resolve_device
+from clusiam.data import DataError, file_digest, find_images
+from clusiam.features import FEATURE_TYPES, encode, feature_extractor
+from mil.train import read_table
+
+COORDINATE_NAME = re.compile(r"^(\d+)_(\d+)$")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m mil.compute_feats", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--patches", required=True, help="root of the slide folders")
+    parser.add_argument("--out", required=True, help="folder for the <slide>.h5 bags")
+    parser.add_argument("--labels", default=None, help="slides.csv (slide, label): slides listed there without patches are reported")
+    parser.add_argument("--feature", default="backbone", choices=FEATURE_TYPES)
+    parser.add_argument("--batch_size", type=int, default=512)
+    parser.add_argument("--num_workers", type=int, default=8)
+    parser.add_argument("--resize", type=int, default=None, help="bring every patch to N x N pixels first")
+    parser.add_argument("--device", default="auto")
+    return parser
+
+
+def slide_patches(root: Path) -> dict[str, list[Path]]:
+    """Patch files grouped by slide (the folder that holds them); slide names must be unique."""
+    by_folder: dict[Path, list[Path]] = defaultdict(list)
+    for path in find_images(root):
+        by_folder[path.parent].append(path)
+    slides: dict[str, list[Path]] = {}
+    for folder, files in sorted(by_folder.items()):
+        if folder == root:
+            raise DataError(f"{files[0]} lies directly in {root}: put each slide's patches in a folder named after the slide")
+        if folder.name in slides:
+            raise DataError(f"two folders are named {folder.name} ({folder} and {slides[folder.name][0].parent}): slide names must be unique")
+        slides[folder.name] = files
+    return slides
+
+
+def coordinates(files: Sequence[Path]) -> np.ndarray | None:
+    """(N, 2) x, y from names ``<x>_<y>.png``; None unless every name has that form."""
+    matches = [COORDINATE_NAME.match(path.stem) for path in files]
+    if not all(matches):
+        return None
+    return np.array([[int(m.group(1)), int(m.group(2))] for m in matches], dtype=np.int64)
+
+
+def is_done(path: Path, checkpoint_digest: str, feature: str) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        with h5py.File(path, "r") as handle:
+            return handle.attrs.get("checkpoint_sha256") == checkpoint_digest and handle.attrs.get("feature") == feature
+    except OSError:  # a file cut short by a crash: redo it
+        return False
+
+
+def write_bag(path: Path, features: np.ndarray, files: Sequence[Path], root: Path, attributes: dict) -> None:
+    """Write one slide's bag atomically (temporary file, then rename)."""
+    temporary = path.with_name(path.name + ".tmp")
+    with h5py.File(temporary, "w") as handle:
+        handle["features"] = features.astype(np.float32)
+        handle["paths"] = [str(p.relative_to(root)) for p in files]
+        coords = coordinates(files)
+        if coords is not None:
+            handle["coords"] = coords
+        handle.attrs.update(attributes)
+    os.replace(temporary, path)
+
+
+def compute(args: argparse.Namespace) -> dict[str, int]:
+    """Write every missing bag; return how many slides were encoded, skipped and missing."""
+    root, out = Path(args.patches), Path(args.out)
+    model, state = load_pretrained(args.checkpoint)
+    encoder = feature_extractor(model, args.feature)
+    digest = file_digest(Path(args.checkpoint))
+    attributes = {"checkpoint": str(args.checkpoint), "checkpoint_sha256": digest, "feature": args.feature,
+                  "model_type": state["config"]["model_type"], "backbone": state["config"]["backbone"]}
+    slides = slide_patches(root)
+    missing = sorted(set(read_table(args.labels, ("slide", "label"))) - set(slides)) if args.labels else []
+    out.mkdir(parents=True, exist_ok=True)
+    pending = {s: files for s, files in slides.items() if not is_done(out / f"{s}.h5", digest, args.feature)}
+    device = resolve_device(args.device)
+    mean, std = state["normalization"]["mean"], state["normalization"]["std"]
+    for slide, files in tqdm(pending.items(), desc="slides", unit="slide"):
+        features = encode(encoder, files, mean, std, device, batch_size=args.batch_size, num_workers=args.num_workers,
+                          resize=args.resize, desc=slide)
+        write_bag(out / f"{slide}.h5", features, files, root, attributes)
+    summary = {"encoded": len(pending), "already_done": len(slides) - len(pending), "without_patches": len(missing)}
+    print(f"{summary['encoded']} slides encoded, {summary['already_done']} already done, into {out}")
+    if missing:
+        listing = out / "slides_without_patches.txt"
+        listing.write_text("".join(f"{s}\n" for s in missing))
+        print(f"warning: {len(missing)} labelled slide(s) have no patches under {root} (listed in {listing}), e.g. {missing[0]}")
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        compute(args)
+    except (ConfigError, DataError, CheckpointError) as error:
+        print(f"error: {error}")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,80 @@
+"""DSMIL (Li, Li & Eliceiri, "Dual-stream Multiple Instance Learning Network for Whole Slide
+Image Classification with Self-supervised Contrastive Learning", CVPR 2021), and the
+max-pooling and mean-pooling baselines, all with one interface:
+
+    instance_logits (N, C), bag_logits (C,), attention (N, C) = model(features (N, D))
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+QUERY_DIM = 128
+
+
+def orthogonal_init(module: nn.Module) -> None:
+    """Orthogonal weights, zero biases: the authors' 2024 fix for runs stuck with identical
+    attention on every patch."""
+    for layer in module.modules():
+        if isinstance(layer, (nn.Linear, nn.Conv1d)):
+            nn.init.orthogonal_(layer.weight)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+
+
+class DSMIL(nn.Module):
+    """Instance stream (a linear classifier on every patch) and bag stream (attention of
+    every patch to the critical patch of each class, then a Conv1d over the weighted sum)."""
+
+    def __init__(self, feature_dim: int, num_classes: int, value_dropout: float | None = None) -> None:
+        super().__init__()
+        self.instance_classifier = nn.Linear(feature_dim, num_classes)
+        self.query = nn.Sequential(nn.Linear(feature_dim, QUERY_DIM), nn.ReLU(), nn.Linear(QUERY_DIM, QUERY_DIM), nn.Tanh())
+        # v is the identity by default; the optional Dropout-Linear-ReLU is the reference's nonlinear value.
+        self.value = (nn.Identity() if value_dropout is None else
+                      nn.Sequential(nn.Dropout(value_dropout), nn.Linear(feature_dim, feature_dim), nn.ReLU()))
+        self.bag_classifier = nn.Conv1d(num_classes, num_classes, kernel_size=feature_dim)
+        orthogonal_init(self)
+
+    def forward(self, features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        instance_logits = self.instance_classifier(features)  # (N, C)
+        queries = self.query(features)  # (N, 128)
+        critical = instance_logits.argmax(0)  # the highest-scoring patch of each class
+        critical_queries = self.query(features[critical])  # (C, 128)
+        attention = torch.softmax(queries @ critical_queries.T / math.sqrt(QUERY_DIM), dim=0)  # (N, C)
+        bag_features = attention.T @ self.value(features)  # (C, D)
+        bag_logits = self.bag_classifier(bag_features.unsqueeze(0)).flatten()  # (C,)
+        return instance_logits, bag_logits, attention
+
+
+class MaxPooling(nn.Module):
+    """Baseline: a linear classifier on every patch; the bag logit is the maximum."""
+
+    def __init__(self, feature_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.instance_classifier = nn.Linear(feature_dim, num_classes)
+        orthogonal_init(self)
+
+    def forward(self, features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        instance_logits = self.instance_classifier(features)
+        attention = torch.softmax(instance_logits, dim=0)  # where the bag score comes from
+        return instance_logits, instance_logits.max(0).values, attention
+
+
+class MeanPooling(nn.Module):
+    """Baseline: a linear classifier on the mean feature of the bag."""
+
+    def __init__(self, feature_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.classifier = nn.Linear(feature_dim, num_classes)
+        orthogonal_init(self)
+
+    def forward(self, features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        instance_logits = self.classifier(features)  # linear, so their mean is the bag logit
+        attention = torch.full_like(instance_logits, 1.0 / len(features))
+        return instance_logits, self.classifier(features.mean(0)), attention
+
+
+AGGREGATORS = {"dsmil": DSMIL, "max": MaxPooling, "mean": MeanPooling}

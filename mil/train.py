@@ -1,0 +1,375 @@
+"""Slide classification on frozen patch features with DSMIL (or a pooling baseline), under
+a protocol that does not leak: the best epoch and the decision thresholds come from the
+validation slides; the test slides are read once, after training, and only scored.
+
+    python -m mil.train --feats feats/ --labels slides.csv [--split split.csv] --out reports/mil
+
+``slides.csv`` has columns slide, label; ``split.csv`` columns slide, split (train / val /
+test). Without a split file the slides are split by seeded stratified sampling. ``--folds K``
+cross-validates on the non-test slides, ``--seeds N`` repeats every run with N seeds; the
+report gives each run and the mean and standard deviation.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import h5py
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import balanced_accuracy_score, roc_auc_score, roc_curve
+from sklearn.model_selection import StratifiedKFold, train_test_split
+from tqdm import tqdm
+
+from clusiam.config import ConfigError, resolve_device
+from clusiam.data import DataError
+from mil.dsmil import AGGREGATORS
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Bag:
+    slide: str
+    label: str
+    features: torch.Tensor  # (N, D)
+    coords: np.ndarray | None  # (N, 2) level-0 pixel positions, when known
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m mil.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--feats", required=True, help="folder of <slide>.h5 bags (mil.compute_feats)")
+    parser.add_argument("--labels", required=True, help="CSV with columns slide, label")
+    parser.add_argument("--split", default=None, help="CSV with columns slide, split (train/val/test); e.g. the official Camelyon16 split")
+    parser.add_argument("--out", required=True, help="report folder")
+    parser.add_argument("--positive", default=None, help="the positive class (default: tumor when present)")
+    parser.add_argument("--num_classes", type=int, default=2, choices=[1, 2],
+                        help="2: independent sigmoids for negative and positive (the CluSiam table); 1: one sigmoid")
+    parser.add_argument("--aggregator", default="dsmil", choices=list(AGGREGATORS))
+    parser.add_argument("--average", default=True, action=argparse.BooleanOptionalAction,
+                        help="score = mean of sigmoid(bag) and sigmoid(max instance) (DSMIL's 2023 default)")
+    parser.add_argument("--epochs", type=int, default=50)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--weight_decay", type=float, default=5e-3)
+    parser.add_argument("--min_lr", type=float, default=5e-6, help="end of the cosine schedule")
+    parser.add_argument("--patience", type=int, default=0,
+                        help="stop after this many epochs without a better validation score (0: never)")
+    parser.add_argument("--folds", type=int, default=0, help="K-fold cross-validation on the non-test slides (0: use the split's val)")
+    parser.add_argument("--seeds", type=int, default=1, help="repeat each run with seeds 0 .. N-1")
+    parser.add_argument("--split_seed", type=int, default=0, help="seed of the split made when no --split is given")
+    parser.add_argument("--test_fraction", type=float, default=0.2)
+    parser.add_argument("--val_fraction", type=float, default=0.25, help="share of the non-test slides for validation")
+    parser.add_argument("--device", default="auto")
+    return parser
+
+
+def read_table(path: str | os.PathLike, columns: tuple[str, str]) -> dict[str, str]:
+    """A two-column CSV as a dict, with clear errors for a missing file, missing columns
+    or a slide listed twice."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} does not exist")
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or not set(columns) <= set(rows[0]):
+        raise DataError(f"{path}: needs columns {', '.join(columns)}")
+    table: dict[str, str] = {}
+    for row in rows:
+        key, value = row[columns[0]].strip(), row[columns[1]].strip()
+        if key in table:
+            raise DataError(f"{path}: slide {key} is listed twice")
+        table[key] = value
+    return table
+
+
+def make_split(labels: dict[str, str], test_fraction: float, val_fraction: float, seed: int) -> dict[str, str]:
+    """Seeded stratified train / val / test split of the slides."""
+    slides = sorted(labels)
+    rest, test = train_test_split(slides, test_size=test_fraction, stratify=[labels[s] for s in slides], random_state=seed)
+    train, val = train_test_split(rest, test_size=val_fraction, stratify=[labels[s] for s in rest], random_state=seed)
+    return {**dict.fromkeys(train, "train"), **dict.fromkeys(val, "val"), **dict.fromkeys(test, "test")}
+
+
+def check_split(split: dict[str, str], labels: dict[str, str]) -> None:
+    """Every slide in exactly one known split, and both classes in each split: a split with
+    one class has no AUC, and is refused rather than scored as 1."""
+    unknown = sorted({name for name in split.values() if name not in SPLITS})
+    if unknown:
+        raise DataError(f"unknown split name(s) {', '.join(unknown)}: use train, val, test")
+    unlabelled = sorted(set(split) - set(labels))
+    if unlabelled:
+        raise DataError(f"{len(unlabelled)} slide(s) in the split have no label, e.g. {unlabelled[0]}")
+    for name in SPLITS:
+        classes = {labels[s] for s, where in split.items() if where == name}
+        if len(classes) < 2:
+            raise DataError(f"the {name} split holds {'no slides' if not classes else 'only ' + classes.pop() + ' slides'}: "
+                            "every split needs both classes (an AUC over one class is undefined)")
+
+
+def runs(split: dict[str, str], labels: dict[str, str], folds: int, seeds: int, seed: int) -> list[dict]:
+    """(seed, fold, train slides, val slides) for every run; test slides are never here."""
+    pool = sorted(s for s, where in split.items() if where != "test")
+    if folds:
+        splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+        partitions = [([pool[i] for i in train], [pool[i] for i in val])
+                      for train, val in splitter.split(pool, [labels[s] for s in pool])]
+    else:
+        partitions = [([s for s in pool if split[s] == "train"], [s for s in pool if split[s] == "val"])]
+    return [{"seed": run_seed, "fold": fold, "train": train, "val": val}
+            for run_seed in range(seeds) for fold, (train, val) in enumerate(partitions)]
+
+
+def load_bag(folder: Path, slide: str, label: str) -> Bag:
+    path = folder / f"{slide}.h5"
+    if not path.is_file():
+        raise DataError(f"no features for slide {slide}: {path} is missing (run mil.compute_feats, or drop the slide from the labels)")
+    with h5py.File(path, "r") as handle:
+        features = torch.from_numpy(handle["features"][:]).float()
+        coords = handle["coords"][:] if "coords" in handle else None
+    if len(features) == 0:
+        raise DataError(f"{path} holds no patches")
+    return Bag(slide, label, features, coords)
+
+
+class Targets:
+    """Class names to targets: [negative, positive] for two sigmoids, [positive] for one."""
+
+    def __init__(self, classes: Sequence[str], positive: str, num_classes: int) -> None:
+        self.positive = positive
+        self.negative = next(c for c in classes if c != positive)
+        self.names = [self.negative, self.positive] if num_classes == 2 else [positive]
+
+    def __call__(self, label: str) -> torch.Tensor:
+        return torch.tensor([float(label == name) for name in self.names])
+
+
+def bag_loss(model: torch.nn.Module, bag: Bag, target: torch.Tensor) -> torch.Tensor:
+    """DSMIL's loss: 0.5 BCE on the bag logits + 0.5 BCE on the max instance logits."""
+    instance_logits, bag_logits, _ = model(bag.features)
+    max_logits = instance_logits.max(0).values
+    return 0.5 * F.binary_cross_entropy_with_logits(bag_logits, target) + \
+        0.5 * F.binary_cross_entropy_with_logits(max_logits, target)
+
+
+@torch.no_grad()
+def score(model: torch.nn.Module, bag: Bag, average: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-class probabilities of a bag, and its patches' attention and instance probabilities."""
+    instance_logits, bag_logits, attention = model(bag.features)
+    probabilities = torch.sigmoid(bag_logits)
+    if average:
+        probabilities = (probabilities + torch.sigmoid(instance_logits.max(0).values)) / 2
+    return probabilities.cpu().numpy(), attention.cpu().numpy(), torch.sigmoid(instance_logits).cpu().numpy()
+
+
+def aucs(targets: np.ndarray, scores: np.ndarray) -> list[float]:
+    return [float(roc_auc_score(targets[:, c], scores[:, c])) for c in range(targets.shape[1])]
+
+
+def youden_thresholds(targets: np.ndarray, scores: np.ndarray) -> list[float]:
+    """Per class, the threshold maximising tpr - fpr (Youden's J), on validation scores."""
+    thresholds = []
+    for c in range(targets.shape[1]):
+        fpr, tpr, candidates = roc_curve(targets[:, c], scores[:, c])
+        thresholds.append(float(min(candidates[np.argmax(tpr - fpr)], 1.0)))
+    return thresholds
+
+
+def train_run(train_bags: list[Bag], val_bags: list[Bag], targets: Targets, feature_dim: int,
+              args: argparse.Namespace, seed: int, device: torch.device) -> dict:
+    """Train one model; keep the epoch with the best mean validation AUC and its thresholds."""
+    torch.manual_seed(seed)
+    model = AGGREGATORS[args.aggregator](feature_dim, len(targets.names)).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.5, 0.9), weight_decay=args.weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs, eta_min=args.min_lr)
+    order = torch.Generator().manual_seed(seed)
+    val_targets = np.stack([targets(b.label).numpy() for b in val_bags])
+    best = {"val_auc": -1.0, "val_loss": math.inf}
+    since_best = 0
+    for epoch in tqdm(range(args.epochs), desc=f"seed {seed}", unit="epoch", leave=False):
+        model.train()
+        for index in torch.randperm(len(train_bags), generator=order).tolist():
+            bag = train_bags[index]
+            loss = bag_loss(model, bag, targets(bag.label).to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        schedule.step()
+        model.eval()
+        val_scores = np.stack([score(model, bag, args.average)[0] for bag in val_bags])
+        with torch.no_grad():
+            val_loss = float(np.mean([bag_loss(model, bag, targets(bag.label).to(device)).item() for bag in val_bags]))
+        val_auc = float(np.mean(aucs(val_targets, val_scores)))
+        # The best validation AUC; among equal AUCs (it saturates on easy data) the lower validation loss.
+        if (val_auc, -val_loss) > (best["val_auc"], -best["val_loss"]):
+            best = {"val_auc": val_auc, "val_loss": val_loss, "epoch": epoch + 1,
+                    "thresholds": youden_thresholds(val_targets, val_scores),
+                    "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+            since_best = 0
+        else:
+            since_best += 1
+            if args.patience and since_best >= args.patience:
+                break
+    model.load_state_dict(best.pop("state"))
+    return {"model": model.eval(), **best}
+
+
+def test_run(model: torch.nn.Module, test_bags: list[Bag], targets: Targets, thresholds: list[float],
+             average: bool) -> dict:
+    """Score the test slides with the validation-chosen thresholds (the only use of test)."""
+    scored = [score(model, bag, average) for bag in test_bags]
+    test_scores = np.stack([s[0] for s in scored])
+    test_targets = np.stack([targets(b.label).numpy() for b in test_bags])
+    predicted = test_scores >= np.asarray(thresholds)
+    positive_column = targets.names.index(targets.positive)
+    return {
+        "auc": dict(zip(targets.names, aucs(test_targets, test_scores))),
+        # The reference's accuracy: a slide counts as right only if every thresholded output is.
+        "accuracy": float((predicted == test_targets.astype(bool)).all(1).mean()),
+        "balanced_accuracy": float(balanced_accuracy_score(test_targets[:, positive_column], predicted[:, positive_column])),
+        "scores": test_scores, "targets": test_targets, "predicted": predicted,
+        "attention": [s[1] for s in scored], "instance_probabilities": [s[2] for s in scored],
+    }
+
+
+def summarise(values: list[float]) -> dict:
+    return {"mean": statistics.mean(values), "std": statistics.pstdev(values) if len(values) > 1 else 0.0}
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    labels = read_table(args.labels, ("slide", "label"))
+    classes = sorted(set(labels.values()))
+    positive = args.positive or ("tumor" if "tumor" in classes else None)
+    if len(classes) != 2:
+        raise DataError(f"{args.labels}: slide classification here is binary, found classes {', '.join(classes)}")
+    if positive not in classes:
+        raise ConfigError(f"--positive {positive!r} must be one of the classes {', '.join(classes)}")
+    split = read_table(args.split, ("slide", "split")) if args.split else \
+        make_split(labels, args.test_fraction, args.val_fraction, args.split_seed)
+    unsplit = sorted(set(labels) - set(split))
+    if unsplit:
+        raise DataError(f"{len(unsplit)} labelled slide(s) are in no split, e.g. {unsplit[0]}: add them to {args.split}")
+    check_split(split, labels)
+    targets = Targets(classes, positive, args.num_classes)
+    device = resolve_device(args.device)
+    folder = Path(args.feats)
+    bags = {s: load_bag(folder, s, labels[s]) for s in sorted(split) if split[s] != "test"}
+    feature_dim = next(iter(bags.values())).features.shape[1]
+    for bag in bags.values():
+        bag.features = bag.features.to(device)
+
+    plans = runs(split, labels, args.folds, args.seeds, args.split_seed)
+    trained = []
+    for plan in tqdm(plans, desc="runs", unit="run"):
+        result = train_run([bags[s] for s in plan["train"]], [bags[s] for s in plan["val"]], targets, feature_dim,
+                           args, plan["seed"], device)
+        trained.append({**plan, **result})
+
+    # Only now are the test slides read, and each trained model scores them once.
+    test_bags = [load_bag(folder, s, labels[s]) for s in sorted(split) if split[s] == "test"]
+    for bag in test_bags:
+        bag.features = bag.features.to(device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, tested = [], []
+    for run in trained:
+        result = test_run(run["model"], test_bags, targets, run["thresholds"], args.average)
+        tested.append(result)
+        rows.append({"seed": run["seed"], "fold": run["fold"], "train_slides": len(run["train"]),
+                     "val_slides": len(run["val"]), "best_epoch": run["epoch"], "val_auc": run["val_auc"],
+                     "val_loss": run["val_loss"],
+                     "thresholds": dict(zip(targets.names, run["thresholds"])), "test_accuracy": result["accuracy"],
+                     "test_balanced_accuracy": result["balanced_accuracy"],
+                     **{f"test_auc_{name}": auc for name, auc in result["auc"].items()}})
+    metric_names = ["test_accuracy", "test_balanced_accuracy", *[f"test_auc_{n}" for n in targets.names]]
+    report = {
+        "settings": {k: v for k, v in vars(args).items()}, "classes": targets.names, "positive": positive,
+        "slides": {name: sum(1 for w in split.values() if w == name) for name in SPLITS},
+        "runs": rows, "summary": {m: summarise([r[m] for r in rows]) for m in metric_names},
+    }
+    write_outputs(out, report, trained, tested, test_bags, targets)
+    return report
+
+
+def write_outputs(out: Path, report: dict, trained: list[dict], tested: list[dict], test_bags: list[Bag],
+                  targets: Targets) -> None:
+    """report.json, report.md, roc.png, predictions.csv and attention/<run>.h5."""
+    temporary = out / "report.json.tmp"
+    temporary.write_text(json.dumps(report, indent=2))
+    os.replace(temporary, out / "report.json")
+
+    with open(out / "predictions.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["seed", "fold", "slide", "label", *[f"score_{n}" for n in targets.names],
+                         *[f"predicted_{n}" for n in targets.names]])
+        for run, result in zip(trained, tested):
+            for bag, scores, predicted in zip(test_bags, result["scores"], result["predicted"]):
+                writer.writerow([run["seed"], run["fold"], bag.slide, bag.label, *np.round(scores, 6), *predicted.astype(int)])
+
+    (out / "attention").mkdir(exist_ok=True)
+    for run, result in zip(trained, tested):
+        with h5py.File(out / "attention" / f"seed{run['seed']}_fold{run['fold']}.h5", "w") as handle:
+            handle.attrs["classes"] = targets.names
+            for bag, attention, instances in zip(test_bags, result["attention"], result["instance_probabilities"]):
+                group = handle.create_group(bag.slide)
+                group.attrs["label"] = bag.label
+                group["attention"] = attention
+                group["instance_probabilities"] = instances
+                if bag.coords is not None:
+                    group["coords"] = bag.coords
+
+    figure, axes = plt.subplots(figsize=(5, 5))
+    for run, result in zip(trained, tested):
+        for c, name in enumerate(targets.names):
+            fpr, tpr, _ = roc_curve(result["targets"][:, c], result["scores"][:, c])
+            axes.plot(fpr, tpr, alpha=0.7, label=f"{name} seed {run['seed']} fold {run['fold']} (AUC {result['auc'][name]:.3f})")
+    axes.plot([0, 1], [0, 1], "k:", linewidth=0.8)
+    axes.set_xlabel("false positive rate")
+    axes.set_ylabel("true positive rate")
+    axes.set_title("test ROC")
+    axes.legend(fontsize=6, loc="lower right")
+    figure.tight_layout()
+    figure.savefig(out / "roc.png", dpi=120)
+    plt.close(figure)
+
+    summary = report["summary"]
+    lines = [
+        f"# Slide classification ({report['settings']['aggregator']})", "",
+        f"- slides: {report['slides']}; outputs: {', '.join(report['classes'])}; positive: {report['positive']}",
+        f"- best epoch and thresholds (Youden J) chosen on validation; test scored once per run", "",
+        "| metric | mean | std |", "|---|---|---|",
+        *[f"| {m} | {v['mean']:.4f} | {v['std']:.4f} |" for m, v in summary.items()], "",
+        "| seed | fold | best epoch | val AUC | thresholds | " + " | ".join(summary) + " |",
+        "|---|---|---|---|---|" + "---|" * len(summary),
+    ]
+    for row in report["runs"]:
+        thresholds = ", ".join(f"{k} {v:.3f}" for k, v in row["thresholds"].items())
+        lines.append(f"| {row['seed']} | {row['fold']} | {row['best_epoch']} | {row['val_auc']:.4f} | {thresholds} | "
+                     + " | ".join(f"{row[m]:.4f}" for m in summary) + " |")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        evaluate(args)
+    except (ConfigError, DataError) as error:
+        print(f"error: {error}")
+        return 2
+    print((Path(args.out) / "report.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

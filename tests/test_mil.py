@@ -1,0 +1,161 @@
+import csv
+import json
+import math
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from mil.compute_feats import main as compute_main
+from mil.dsmil import DSMIL, QUERY_DIM
+from mil.train import main as train_main
+
+
+def test_dsmil_forward_is_the_papers_formula():
+    torch.manual_seed(0)
+    model = DSMIL(feature_dim=16, num_classes=2)
+    x = torch.randn(30, 16)
+    instance_logits, bag_logits, attention = model(x)
+
+    w_i, b_i = model.instance_classifier.weight, model.instance_classifier.bias
+    (w1, b1), (w2, b2) = (model.query[0].weight, model.query[0].bias), (model.query[2].weight, model.query[2].bias)
+    q = lambda f: torch.tanh(torch.relu(f @ w1.T + b1) @ w2.T + b2)
+    expected_instance = x @ w_i.T + b_i
+    critical = [int(expected_instance[:, c].argmax()) for c in range(2)]
+    scores = q(x) @ q(x[critical]).T / math.sqrt(QUERY_DIM)
+    expected_attention = torch.exp(scores) / torch.exp(scores).sum(0, keepdim=True)
+    bag_features = expected_attention.T @ x  # v = identity
+    w_b, b_b = model.bag_classifier.weight, model.bag_classifier.bias  # (C, C, D)
+    expected_bag = torch.einsum("ocd,cd->o", w_b, bag_features) + b_b
+    assert torch.allclose(instance_logits, expected_instance, atol=1e-6)
+    assert torch.allclose(attention, expected_attention, atol=1e-6)
+    assert torch.allclose(bag_logits, expected_bag, atol=1e-5)
+
+
+def test_dsmil_starts_orthogonal_with_zero_biases():
+    model = DSMIL(feature_dim=64, num_classes=2)
+    w = model.query[0].weight  # (128, 64): orthonormal columns
+    assert torch.allclose(w.T @ w, torch.eye(64), atol=1e-5)
+    assert all(m.bias.abs().sum() == 0 for m in model.modules() if hasattr(m, "bias") and m.bias is not None)
+
+
+def write_bags(folder, seed=0, slides_per_class=40, shift_test_by=0.0, test_slides=()):
+    """Negative bags: 50 N(0, 1) instances; positive bags hide 4 instances shifted by 5 along one direction."""
+    rng, scramble = np.random.default_rng(seed), np.random.default_rng(seed + 1)  # scrambling leaves the bags' draws alone
+    direction = np.zeros(32, np.float32)
+    direction[:4] = 2.5
+    labels = {}
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(2 * slides_per_class):
+        label = "tumor" if i % 2 else "normal"
+        slide = f"{label}_{i:03d}"
+        features = rng.standard_normal((50, 32)).astype(np.float32)
+        if label == "tumor":
+            features[rng.choice(50, 4, replace=False)] += direction
+        if slide in test_slides:
+            features += shift_test_by * scramble.standard_normal(features.shape).astype(np.float32)
+        with h5py.File(folder / f"{slide}.h5", "w") as handle:
+            handle["features"] = features
+            handle["coords"] = np.stack([np.arange(50) * 224, np.zeros(50, int)], 1)
+        labels[slide] = label
+    return labels
+
+
+def write_labels(path, labels):
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["slide", "label"])
+        writer.writerows(sorted(labels.items()))
+
+
+def run_mil(tmp_path, feats, labels_csv, name, *extra):
+    out = tmp_path / name
+    assert train_main(["--feats", str(feats), "--labels", str(labels_csv), "--out", str(out), "--epochs", "30",
+                       "--device", "cpu", *extra]) == 0
+    return json.loads((out / "report.json").read_text()), out
+
+
+def test_dsmil_finds_the_few_positive_instances_without_touching_test_early(tmp_path):
+    labels = write_bags(tmp_path / "feats")
+    write_labels(tmp_path / "slides.csv", labels)
+    report, out = run_mil(tmp_path, tmp_path / "feats", tmp_path / "slides.csv", "a")
+    run = report["runs"][0]
+    assert run["test_auc_tumor"] >= 0.95 and run["test_auc_normal"] >= 0.95
+    assert report["slides"] == {"train": 48, "val": 16, "test": 16}
+
+    again, _ = run_mil(tmp_path, tmp_path / "feats", tmp_path / "slides.csv", "b")
+    assert again["runs"] == report["runs"]  # same seed, same result
+
+    # Scramble the test bags: selection (best epoch, val AUC, thresholds) must not change.
+    predictions = list(csv.DictReader(open(out / "predictions.csv")))
+    test_slides = {row["slide"] for row in predictions}
+    assert len(test_slides) == 16
+    write_bags(tmp_path / "scrambled", shift_test_by=5.0, test_slides=test_slides)
+    scrambled, _ = run_mil(tmp_path, tmp_path / "scrambled", tmp_path / "slides.csv", "c")
+    for key in ("best_epoch", "val_auc", "thresholds"):
+        assert scrambled["runs"][0][key] == run[key], key
+    assert scrambled["runs"][0]["test_auc_tumor"] != run["test_auc_tumor"]
+
+    with h5py.File(out / "attention" / "seed0_fold0.h5") as handle:
+        assert sorted(handle) == sorted(test_slides)
+        slide = sorted(test_slides)[0]
+        assert handle[slide]["attention"].shape == (50, 2) and handle[slide]["coords"].shape == (50, 2)
+        assert np.allclose(handle[slide]["attention"][:].sum(0), 1.0, atol=1e-5)
+    assert (out / "roc.png").stat().st_size > 0 and "test_auc_tumor" in (out / "report.md").read_text()
+
+
+def test_folds_and_seeds_are_summarised(tmp_path):
+    labels = write_bags(tmp_path / "feats", slides_per_class=15)
+    write_labels(tmp_path / "slides.csv", labels)
+    report, _ = run_mil(tmp_path, tmp_path / "feats", tmp_path / "slides.csv", "cv", "--folds", "3", "--seeds", "2",
+                        "--aggregator", "max", "--epochs", "5")
+    assert [(r["seed"], r["fold"]) for r in report["runs"]] == [(s, f) for s in (0, 1) for f in (0, 1, 2)]
+    aucs = [r["test_auc_tumor"] for r in report["runs"]]
+    assert report["summary"]["test_auc_tumor"]["mean"] == pytest.approx(np.mean(aucs))
+    assert report["summary"]["test_auc_tumor"]["std"] == pytest.approx(np.std(aucs))
+
+
+@pytest.mark.parametrize("rows, message", [
+    ({"val": ["tumor"]}, "the val split holds only tumor slides"),
+    ({"test": ["normal"]}, "the test split holds only normal slides"),
+    ({"holdout": ["normal", "tumor"]}, "unknown split name"),
+])
+def test_a_bad_split_is_refused(tmp_path, capsys, rows, message):
+    labels = write_bags(tmp_path / "feats", slides_per_class=6)
+    write_labels(tmp_path / "slides.csv", labels)
+    slides = sorted(labels)
+    split = {s: "train" for s in slides}
+    for name, classes in rows.items():
+        for label in classes:
+            split[next(s for s in slides if labels[s] == label and split[s] == "train")] = name
+    for name in ("val", "test"):
+        if name not in rows:
+            for label in ("normal", "tumor"):
+                split[next(s for s in slides if labels[s] == label and split[s] == "train")] = name
+    with open(tmp_path / "split.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows([("slide", "split"), *split.items()])
+    code = train_main(["--feats", str(tmp_path / "feats"), "--labels", str(tmp_path / "slides.csv"),
+                       "--split", str(tmp_path / "split.csv"), "--out", str(tmp_path / "out"), "--device", "cpu"])
+    assert code == 2 and message in capsys.readouterr().out
+
+
+def test_compute_feats_writes_one_bag_per_slide_and_resumes(tiny_demo, tiny_checkpoint, tmp_path, capsys):
+    labels = tmp_path / "slides.csv"
+    labels.write_text((tiny_demo / "slide_labels.csv").read_text() + "tumor_404,tumor\n")
+    args = ["--checkpoint", str(tiny_checkpoint), "--patches", str(tiny_demo), "--out", str(tmp_path / "feats"),
+            "--labels", str(labels), "--device", "cpu", "--num_workers", "0", "--batch_size", "8"]
+    assert compute_main(args) == 0
+    bags = sorted(p.stem for p in (tmp_path / "feats").glob("*.h5"))
+    assert bags == ["normal_000", "normal_001", "tumor_000", "tumor_001"]
+    with h5py.File(tmp_path / "feats" / "tumor_001.h5") as handle:
+        assert handle["features"].shape == (16, 512) and np.isfinite(handle["features"][:]).all()
+        coords = handle["coords"][:]
+        assert sorted(map(tuple, coords))[:2] == [(0, 0), (0, 32)]
+        assert handle.attrs["feature"] == "backbone" and handle.attrs["model_type"] == "clusiam"
+        assert handle["paths"][0].decode().startswith("tumor/tumor_001/")
+    out = capsys.readouterr().out
+    assert "4 slides encoded" in out and "1 labelled slide(s) have no patches" in out
+    assert (tmp_path / "feats" / "slides_without_patches.txt").read_text() == "tumor_404\n"
+    assert compute_main(args) == 0
+    assert "0 slides encoded, 4 already done" in capsys.readouterr().out
