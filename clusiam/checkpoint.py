@@ -14,12 +14,13 @@ from typing import Any
 
 import torch
 
+from clusiam.errors import UserError
 from clusiam.models import PretrainModel
 
 FORMAT_VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A file that is missing or is not a clusiam checkpoint."""
 
 

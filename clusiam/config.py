@@ -16,10 +16,11 @@ import torch
 import yaml
 
 from clusiam.backbones import BACKBONES
+from clusiam.errors import UserError
 from clusiam.models import METHODS
 
 
-class ConfigError(Exception):
+class ConfigError(UserError):
     """An option or config file that cannot be used, with a message saying why."""
 
 

@@ -21,13 +21,15 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from clusiam.errors import UserError
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk every complete PNG ends with
 JPEG_END = b"\xff\xd9"  # end-of-image marker
 CHECK_CHUNK = 4096
 
 
-class DataError(Exception):
+class DataError(UserError):
     """Bad training data, with a message that names the file and what to do."""
 
 

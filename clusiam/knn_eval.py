@@ -22,9 +22,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from clusiam.checkpoint import CheckpointError, load_pretrained
+from clusiam.checkpoint import load_pretrained
 from clusiam.config import ConfigError, resolve_device
 from clusiam.data import DataError, LabelledPatches, file_digest, read_labelled_patches, split_overlap
+from clusiam.errors import run_command
 from clusiam.features import FEATURE_TYPES, PixelFeatures, cached_encode, feature_extractor
 from clusiam.knn import BACKENDS, choose_backend, l2_normalize, search, vote
 from clusiam.metrics import classification_metrics, plot_confusion_matrix, write_per_slide_accuracy
@@ -203,10 +204,7 @@ def write_report(out: Path, report: dict) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        evaluate(args)
-    except (ConfigError, DataError, CheckpointError) as error:
-        print(f"error: {error}")
-        return 2
-    print((Path(args.out) / "report.md").read_text())
-    return 0
+    status = run_command(lambda: evaluate(args))
+    if status == 0:
+        print((Path(args.out) / "report.md").read_text())
+    return status

@@ -25,10 +25,11 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from clusiam.augment import BatchViews, TwoViews, ViewRecipe, paper_augmentation
-from clusiam.checkpoint import CheckpointError, load_checkpoint, restore_rng_state, rng_state, save_checkpoint
+from clusiam.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from clusiam.config import ConfigError, parse_config, resolve_device
 from clusiam.data import DataError, PatchDataset, cached_channel_statistics, check_images, find_images, uint8_tensor
 from clusiam.demo import prepare_demo
+from clusiam.errors import UserError, run_command
 from clusiam.losses import byol_invariance, cluster_similarity, simsiam_invariance
 from clusiam.models import PretrainModel, PretrainOutput
 from clusiam.monitor import CLUSTER_DIAGNOSTICS, cluster_diagnostics, collapse_warnings, projection_std
@@ -37,7 +38,7 @@ from clusiam.monitor import CLUSTER_DIAGNOSTICS, cluster_diagnostics, collapse_w
 ARCHITECTURE_OPTIONS = ("model_type", "backbone", "feat_size", "num_clusters")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError):
     """The loss became NaN or infinite; nothing was saved over the last good checkpoint."""
 
 
@@ -286,9 +287,4 @@ def train(args: argparse.Namespace) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        train(parse_config(argv))
-    except (ConfigError, DataError, NonFiniteLossError, CheckpointError) as error:
-        print(f"error: {error}")
-        return 2
-    return 0
+    return run_command(lambda: train(parse_config(argv)))

@@ -21,9 +21,10 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from clusiam.checkpoint import CheckpointError, load_pretrained
-from clusiam.config import ConfigError, resolve_device
+from clusiam.checkpoint import load_pretrained
+from clusiam.config import resolve_device
 from clusiam.data import DataError, file_digest, find_images
+from clusiam.errors import run_command
 from clusiam.features import FEATURE_TYPES, encode, feature_extractor
 from mil.train import read_table
 
@@ -118,13 +119,7 @@ def compute(args: argparse.Namespace) -> dict[str, int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        compute(args)
-    except (ConfigError, DataError, CheckpointError) as error:
-        print(f"error: {error}")
-        return 2
-    return 0
+    return run_command(lambda: compute(build_parser().parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from clusiam.config import ConfigError, resolve_device
 from clusiam.data import DataError
+from clusiam.errors import run_command
 from mil.dsmil import AGGREGATORS
 
 SPLITS = ("train", "val", "test")
@@ -347,7 +348,7 @@ def write_outputs(out: Path, report: dict, trained: list[dict], tested: list[dic
     lines = [
         f"# Slide classification ({report['settings']['aggregator']})", "",
         f"- slides: {report['slides']}; outputs: {', '.join(report['classes'])}; positive: {report['positive']}",
-        f"- best epoch and thresholds (Youden J) chosen on validation; test scored once per run", "",
+        "- best epoch and thresholds (Youden J) chosen on validation; test scored once per run", "",
         "| metric | mean | std |", "|---|---|---|",
         *[f"| {m} | {v['mean']:.4f} | {v['std']:.4f} |" for m, v in summary.items()], "",
         "| seed | fold | best epoch | val AUC | thresholds | " + " | ".join(summary) + " |",
@@ -362,13 +363,10 @@ def write_outputs(out: Path, report: dict, trained: list[dict], tested: list[dic
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        evaluate(args)
-    except (ConfigError, DataError) as error:
-        print(f"error: {error}")
-        return 2
-    print((Path(args.out) / "report.md").read_text())
-    return 0
+    status = run_command(lambda: evaluate(args))
+    if status == 0:
+        print((Path(args.out) / "report.md").read_text())
+    return status
 
 
 if __name__ == "__main__":

@@ -100,7 +100,7 @@ def test_skip_bad_files_counts_and_lists_what_it_leaves_out(tmp_path, capsys):
     report = tmp_path / "run" / "skipped_files.txt"
     kept = check_images(find_images(tmp_path), 32, skip_bad_files=True, report_path=report)
     assert kept == sorted(good)
-    assert f"skipped 4 of 8 files" in capsys.readouterr().out
+    assert "skipped 4 of 8 files" in capsys.readouterr().out
     listed = [line.split("\t")[0] for line in report.read_text().splitlines()]
     assert sorted(listed) == sorted(map(str, bad))
 
