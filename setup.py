@@ -25,6 +25,8 @@ setup(
         "tiffslide",
         "faiss-cpu",
         "h5py",
+        "scikit-image>=0.26",
+        "shapely>=2",
     ],
     extras_require={"test": ["pytest"]},
 )

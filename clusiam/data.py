@@ -278,3 +278,22 @@ def file_digest(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def read_table(path: str | os.PathLike, columns: tuple[str, str]) -> dict[str, str]:
+    """A two-column CSV as a dict, with clear errors for a missing file, missing columns
+    or a slide listed twice."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} does not exist")
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or not set(columns) <= set(rows[0]):
+        raise DataError(f"{path}: needs columns {', '.join(columns)}")
+    table: dict[str, str] = {}
+    for row in rows:
+        key, value = row[columns[0]].strip(), row[columns[1]].strip()
+        if key in table:
+            raise DataError(f"{path}: slide {key} is listed twice")
+        table[key] = value
+    return table

@@ -23,10 +23,9 @@ from tqdm import tqdm
 
 from clusiam.checkpoint import load_pretrained
 from clusiam.config import resolve_device
-from clusiam.data import DataError, file_digest, find_images
+from clusiam.data import DataError, file_digest, find_images, read_table
 from clusiam.errors import run_command
 from clusiam.features import FEATURE_TYPES, encode, feature_extractor
-from mil.train import read_table
 
 COORDINATE_NAME = re.compile(r"^(\d+)_(\d+)$")
 

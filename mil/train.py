@@ -34,7 +34,7 @@ from sklearn.model_selection import StratifiedKFold, train_test_split
 from tqdm import tqdm
 
 from clusiam.config import ConfigError, resolve_device
-from clusiam.data import DataError
+from clusiam.data import DataError, read_table
 from clusiam.errors import run_command
 from mil.dsmil import AGGREGATORS
 
@@ -74,25 +74,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--val_fraction", type=float, default=0.25, help="share of the non-test slides for validation")
     parser.add_argument("--device", default="auto")
     return parser
-
-
-def read_table(path: str | os.PathLike, columns: tuple[str, str]) -> dict[str, str]:
-    """A two-column CSV as a dict, with clear errors for a missing file, missing columns
-    or a slide listed twice."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path} does not exist")
-    with open(path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    if not rows or not set(columns) <= set(rows[0]):
-        raise DataError(f"{path}: needs columns {', '.join(columns)}")
-    table: dict[str, str] = {}
-    for row in rows:
-        key, value = row[columns[0]].strip(), row[columns[1]].strip()
-        if key in table:
-            raise DataError(f"{path}: slide {key} is listed twice")
-        table[key] = value
-    return table
 
 
 def make_split(labels: dict[str, str], test_fraction: float, val_fraction: float, seed: int) -> dict[str, str]:

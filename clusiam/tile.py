@@ -1,0 +1,316 @@
+"""Whole-slide images to tissue patches at a chosen resolution, with an index per slide,
+a picture of what was kept, and patch labels from tumour annotations.
+
+    python -m clusiam.tile SLIDES_DIR --out PATCH_ROOT --mpp 0.5 --size 224 [--annotations ANN_DIR]
+
+Writes ``PATCH_ROOT/[<class>/]<slide>/<x>_<y>.png`` (x, y: level-0 pixels of the top-left
+corner) and, beside it in ``PATCH_ROOT_index/``: ``<slide>.h5`` (coordinates and tiling
+attributes), ``<slide>_thumbnail.png``, ``tiles.csv`` (one row per slide) and, with
+annotations, ``patch_labels.csv`` (path, label, slide) for ``evaluate_knn.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import time
+import xml.etree.ElementTree as ElementTree
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import h5py
+import numpy as np
+import shapely
+from PIL import Image, ImageDraw
+from shapely.geometry import Polygon, shape
+from skimage.color import rgb2hsv
+from skimage.filters import threshold_otsu
+from skimage.morphology import remove_small_holes, remove_small_objects
+from tqdm import tqdm
+
+from clusiam.data import read_table
+from clusiam.errors import UserError, run_command
+
+SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".mrxs", ".vms", ".vmu", ".bif", ".svslide")
+# ASAP groups of the Camelyon16 annotations: _0 and _1 are tumour, _2 marks normal tissue inside them.
+ASAP_EXCLUSION_GROUPS = {"_2", "exclusion", "Exclusion"}
+
+
+class SlideError(UserError):
+    """A slide that cannot be read or tiled as asked."""
+
+
+@dataclass(frozen=True)
+class TilingOptions:
+    mpp: float = 0.5
+    size: int = 224
+    overlap: float = 0.0
+    min_tissue: float = 0.6
+    mask_mpp: float = 4.0
+    min_object_um2: float = 20000.0
+    max_hole_um2: float = 5000.0
+    saturation_threshold: float | None = None
+    slide_mpp: float | None = None
+    image_format: str = "png"
+    label_threshold: float = 0.5
+
+
+def open_slide(path: Path):
+    """A slide through tiffslide; through openslide when tiffslide cannot read it and
+    openslide is installed."""
+    import tiffslide
+
+    try:
+        return tiffslide.TiffSlide(path)
+    except Exception as tiff_error:
+        try:
+            import openslide
+        except ImportError:
+            raise SlideError(f"{path}: not a readable slide ({type(tiff_error).__name__}: {tiff_error})") from None
+        try:
+            return openslide.OpenSlide(str(path))
+        except Exception as error:
+            raise SlideError(f"{path}: not a readable slide ({type(error).__name__}: {error})") from None
+
+
+def level0_mpp(slide, path: Path, override: float | None) -> float:
+    """Microns per pixel at level 0, from the file or ``--slide_mpp``."""
+    if override:
+        return override
+    for key in ("tiffslide.mpp-x", "openslide.mpp-x"):
+        value = slide.properties.get(key)
+        if value:
+            return float(value)
+    raise SlideError(f"{path}: the file records no microns-per-pixel; pass --slide_mpp (e.g. 0.25 for 40x, 0.5 for 20x)")
+
+
+def tissue_mask(thumbnail: np.ndarray, mask_mpp: float, options: TilingOptions) -> tuple[np.ndarray, float]:
+    """Tissue on an RGB thumbnail: saturation above Otsu's threshold (or a given one), small
+    holes filled and small objects removed. Returns the mask and the threshold used."""
+    saturation = rgb2hsv(thumbnail)[..., 1]
+    threshold = options.saturation_threshold
+    if threshold is None:
+        threshold = float(threshold_otsu(saturation)) if saturation.max() > saturation.min() else 1.0
+    pixel_area = mask_mpp**2  # um^2 per thumbnail pixel
+    mask = saturation > threshold
+    mask = remove_small_holes(mask, max_size=round(options.max_hole_um2 / pixel_area))
+    mask = remove_small_objects(mask, max_size=round(options.min_object_um2 / pixel_area))
+    return mask, threshold
+
+
+def read_annotations(path: Path) -> shapely.Geometry:
+    """Tumour regions from ASAP XML (Camelyon16: groups _0/_1 tumour, _2 excluded) or
+    GeoJSON (QuPath; every polygon counts), in level-0 pixels."""
+    if path.suffix.lower() == ".xml":
+        root = ElementTree.parse(path).getroot()
+        tumour, excluded = [], []
+        for annotation in root.iter("Annotation"):
+            points = sorted(annotation.iter("Coordinate"), key=lambda c: int(c.get("Order", 0)))
+            if len(points) < 3:
+                continue
+            polygon = Polygon([(float(p.get("X")), float(p.get("Y"))) for p in points]).buffer(0)
+            (excluded if annotation.get("PartOfGroup") in ASAP_EXCLUSION_GROUPS else tumour).append(polygon)
+        return shapely.difference(shapely.union_all(tumour), shapely.union_all(excluded))
+    data = json.loads(path.read_text())
+    features = data["features"] if isinstance(data, dict) and "features" in data else data
+    features = features if isinstance(features, list) else [features]
+    return shapely.union_all([shape(f["geometry"]).buffer(0) for f in features if f.get("geometry")])
+
+
+def annotation_file(directory: Path | None, slide: str) -> Path | None:
+    if directory is None:
+        return None
+    for suffix in (".xml", ".geojson", ".json"):
+        candidate = directory / f"{slide}{suffix}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def tile_slide(path: Path, out: Path, index_dir: Path, slide_class: str | None, annotations: Path | None,
+               options: TilingOptions) -> dict:
+    """Tile one slide; return its summary row (and the patch label rows)."""
+    started = time.time()
+    name = path.stem
+    slide = open_slide(path)
+    try:
+        mpp0 = level0_mpp(slide, path, options.slide_mpp)
+        magnification = slide.properties.get("tiffslide.objective-power") or slide.properties.get("openslide.objective-power")
+        width, height = slide.dimensions
+        target = options.mpp / mpp0  # level-0 pixels per output pixel
+        # Read from the most downsampled level that is still at least as fine as the target.
+        level = max((i for i, d in enumerate(slide.level_downsamples) if d <= target * 1.001), default=0)
+        downsample = slide.level_downsamples[level]
+        tile0 = options.size * target  # tile side in level-0 pixels
+        read_size = max(1, round(tile0 / downsample))
+        step0 = tile0 * (1 - options.overlap)
+
+        thumb_scale = options.mask_mpp / mpp0  # level-0 pixels per thumbnail pixel
+        thumb_size = (max(1, round(width / thumb_scale)), max(1, round(height / thumb_scale)))
+        thumbnail = np.asarray(slide.get_thumbnail(thumb_size).convert("RGB").resize(thumb_size))
+        mask, threshold = tissue_mask(thumbnail, options.mask_mpp, options)
+
+        coords, tissue = [], []
+        for y in np.arange(0, height - tile0 + 1e-6, step0):
+            for x in np.arange(0, width - tile0 + 1e-6, step0):
+                box = mask[int(y / thumb_scale): max(int(y / thumb_scale) + 1, int((y + tile0) / thumb_scale)),
+                           int(x / thumb_scale): max(int(x / thumb_scale) + 1, int((x + tile0) / thumb_scale))]
+                fraction = float(box.mean()) if box.size else 0.0
+                if fraction >= options.min_tissue:
+                    coords.append((int(round(x)), int(round(y))))
+                    tissue.append(fraction)
+        coords_array = np.array(coords, dtype=np.int64).reshape(-1, 2)
+
+        tumour_fraction, region = None, None
+        if annotations is not None:
+            region = read_annotations(annotations)
+            boxes = shapely.box(coords_array[:, 0], coords_array[:, 1], coords_array[:, 0] + tile0, coords_array[:, 1] + tile0)
+            tumour_fraction = shapely.area(shapely.intersection(boxes, region)) / (tile0 * tile0)
+
+        folder = out / slide_class / name if slide_class else out / name
+        folder.mkdir(parents=True, exist_ok=True)
+        extension = "jpg" if options.image_format == "jpeg" else options.image_format
+        paths = []
+        for x, y in coords_array:
+            patch = slide.read_region((int(x), int(y)), level, (read_size, read_size)).convert("RGB")
+            if read_size != options.size:
+                patch = patch.resize((options.size, options.size), Image.LANCZOS)
+            patch_path = folder / f"{x}_{y}.{extension}"
+            patch.save(patch_path, quality=90) if extension == "jpg" else patch.save(patch_path)
+            paths.append(str(patch_path.relative_to(out)))
+    finally:
+        slide.close()
+
+    labels = None
+    with h5py.File(index_dir / f"{name}.h5", "w") as handle:
+        dataset = handle.create_dataset("coords", data=coords_array)
+        # The attributes CLAM / TRIDENT readers look for, plus the resolution in microns.
+        dataset.attrs.update({"patch_size": options.size, "patch_size_level0": tile0, "patch_level": level,
+                              "downsample": downsample, "level_dim": slide_dims(width, height, downsample),
+                              "mpp": options.mpp, "level0_mpp": mpp0, "overlap": options.overlap,
+                              "level0_magnification": float(magnification) if magnification else float("nan"),
+                              "name": name, "format": extension})
+        handle["tissue_fraction"] = np.array(tissue, dtype=np.float32)
+        handle["paths"] = paths
+        if tumour_fraction is not None:
+            handle["tumor_fraction"] = tumour_fraction.astype(np.float32)
+            labels = np.where(tumour_fraction >= options.label_threshold, "tumor", "normal")
+            handle["label"] = labels.astype("S")
+    draw_thumbnail(thumbnail, mask, coords_array / thumb_scale, tile0 / thumb_scale, index_dir / f"{name}_thumbnail.png",
+                   region, thumb_scale)
+    return {
+        "slide": name, "tiles": len(coords_array), "tissue_area_mm2": round(float(mask.sum()) * options.mask_mpp**2 / 1e6, 3),
+        "mpp": mpp0, "level": level, "otsu_threshold": round(threshold, 4),
+        "tumor_tiles": int((labels == "tumor").sum()) if labels is not None else "",
+        "seconds": round(time.time() - started, 2),
+        "patch_labels": [] if labels is None else list(zip(paths, labels.tolist(), [name] * len(paths))),
+    }
+
+
+def slide_dims(width: int, height: int, downsample: float) -> tuple[int, int]:
+    return round(width / downsample), round(height / downsample)
+
+
+def draw_thumbnail(thumbnail: np.ndarray, mask: np.ndarray, corners: np.ndarray, side: float, path: Path,
+                   region: shapely.Geometry | None, scale: float) -> None:
+    """The thumbnail with the tissue mask tinted green, kept tiles outlined in blue and
+    tumour annotations in red."""
+    picture = thumbnail.astype(np.float32)
+    picture[mask] = 0.7 * picture[mask] + 0.3 * np.array([0, 200, 0])
+    image = Image.fromarray(picture.astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for x, y in corners:
+        draw.rectangle([x, y, x + side, y + side], outline=(0, 60, 255))
+    for outline in polygon_outlines(region, scale):
+        draw.line(outline + outline[:1], fill=(230, 0, 0), width=2)
+    image.save(path)
+
+
+def polygon_outlines(region: shapely.Geometry | None, scale: float) -> list[list[tuple[float, float]]]:
+    """Exterior and interior rings of a (multi)polygon, divided by ``scale``."""
+    if region is None or region.is_empty:
+        return []
+    polygons = getattr(region, "geoms", [region])
+    rings = [ring for p in polygons if isinstance(p, Polygon) for ring in (p.exterior, *p.interiors)]
+    return [[(x / scale, y / scale) for x, y in ring.coords] for ring in rings]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m clusiam.tile", description=__doc__.split("\n\n")[0])
+    parser.add_argument("slides", type=Path, help="a slide file or a folder of slides")
+    parser.add_argument("--out", type=Path, required=True, help="PATCH_ROOT for the patches")
+    parser.add_argument("--index_dir", type=Path, default=None, help="index, thumbnails and tables (default: PATCH_ROOT_index)")
+    parser.add_argument("--mpp", type=float, default=0.5, help="microns per pixel of the patches (0.5 = 20x)")
+    parser.add_argument("--size", type=int, default=224, help="patch side in pixels")
+    parser.add_argument("--overlap", type=float, default=0.0, help="fraction of a tile shared with its neighbour")
+    parser.add_argument("--min_tissue", type=float, default=0.6,
+                        help="keep tiles with at least this tissue fraction (0.6 keeps half-glass edge tiles out)")
+    parser.add_argument("--mask_mpp", type=float, default=4.0, help="resolution of the tissue mask (um/px)")
+    parser.add_argument("--min_object_um2", type=float, default=20000.0, help="tissue pieces smaller than this are dropped")
+    parser.add_argument("--max_hole_um2", type=float, default=5000.0, help="holes smaller than this are filled")
+    parser.add_argument("--saturation_threshold", type=float, default=None, help="fixed saturation threshold instead of Otsu's")
+    parser.add_argument("--slide_mpp", type=float, default=None, help="level-0 um/px for slides whose file lacks it")
+    parser.add_argument("--format", dest="image_format", default="png", choices=["png", "jpeg"])
+    parser.add_argument("--classes", type=Path, default=None, help="slides.csv (slide, label): patches go under <label>/<slide>/")
+    parser.add_argument("--annotations", type=Path, default=None, help="folder of <slide>.xml (ASAP) or <slide>.geojson")
+    parser.add_argument("--label_threshold", type=float, default=0.5, help="tumour fraction from which a tile is labelled tumor")
+    parser.add_argument("--workers", type=int, default=4, help="slides tiled in parallel")
+    return parser
+
+
+def find_slides(source: Path) -> list[Path]:
+    if source.is_file():
+        return [source]
+    if not source.is_dir():
+        raise UserError(f"{source} does not exist: pass a slide file or a folder of slides")
+    slides = sorted(p for p in source.rglob("*") if p.suffix.lower() in SLIDE_EXTENSIONS and p.is_file())
+    if not slides:
+        raise UserError(f"no slides ({', '.join(SLIDE_EXTENSIONS)}) under {source}")
+    return slides
+
+
+def tile(args: argparse.Namespace) -> dict:
+    """Tile every slide; unreadable ones are reported, listed and skipped."""
+    slides = find_slides(args.slides)
+    index_dir = args.index_dir or args.out.with_name(args.out.name + "_index")
+    index_dir.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    classes = read_table(args.classes, ("slide", "label")) if args.classes else {}
+    options = TilingOptions(**{k: getattr(args, k) for k in TilingOptions.__dataclass_fields__})
+    rows, failed = [], []
+    with ProcessPoolExecutor(max_workers=max(1, args.workers)) as pool:
+        futures = {pool.submit(tile_slide, path, args.out, index_dir, classes.get(path.stem),
+                               annotation_file(args.annotations, path.stem), options): path for path in slides}
+        for future in tqdm(futures, desc="slides", unit="slide"):
+            try:
+                rows.append(future.result())
+            except Exception as error:  # one bad slide must not stop the others
+                failed.append((futures[future], f"{type(error).__name__}: {error}"))
+                tqdm.write(f"skipped {futures[future]}: {error}")
+    patch_labels = [label for row in rows for label in row.pop("patch_labels")]
+    with open(index_dir / "tiles.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["slide", "tiles", "tissue_area_mm2", "mpp", "level", "otsu_threshold",
+                                                    "tumor_tiles", "seconds"])
+        writer.writeheader()
+        writer.writerows(rows)
+    if args.annotations is not None:
+        with open(index_dir / "patch_labels.csv", "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["path", "label", "slide"])
+            relative = Path("..") / args.out.name if index_dir.parent == args.out.parent else args.out.resolve()
+            writer.writerows([(str(relative / path), label, slide) for path, label, slide in patch_labels])
+    if failed:
+        (index_dir / "failed_slides.txt").write_text("".join(f"{p}\t{why}\n" for p, why in failed))
+    print(f"{sum(r['tiles'] for r in rows)} patches from {len(rows)} slides into {args.out}; index in {index_dir}"
+          + (f"; {len(failed)} slide(s) could not be read (listed in {index_dir / 'failed_slides.txt'})" if failed else ""))
+    return {"rows": rows, "failed": failed, "index_dir": index_dir}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(lambda: tile(build_parser().parse_args(argv)))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
