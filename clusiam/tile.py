@@ -178,7 +178,7 @@ def tile_slide(path: Path, out: Path, index_dir: Path, slide_class: str | None, 
             if read_size != options.size:
                 patch = patch.resize((options.size, options.size), Image.LANCZOS)
             patch_path = folder / f"{x}_{y}.{extension}"
-            patch.save(patch_path, quality=90) if extension == "jpg" else patch.save(patch_path)
+            patch.save(patch_path, **({"quality": 90} if extension == "jpg" else {}))
             paths.append(str(patch_path.relative_to(out)))
     finally:
         slide.close()
