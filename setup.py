@@ -27,6 +27,9 @@ setup(
         "h5py",
         "scikit-image>=0.26",
         "shapely>=2",
+        "timm",
+        "safetensors",
     ],
-    extras_require={"test": ["pytest"]},
+    # transformers' SegformerModel is the independent reference the MiT-B1 tests compare against.
+    extras_require={"test": ["pytest", "transformers"]},
 )

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import torch
 import yaml
 
-from clusiam.backbones import BACKBONES
+from clusiam.backbones import backbone_family
 from clusiam.errors import UserError
 from clusiam.models import METHODS
 
@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = parser.add_argument_group("model")
     model.add_argument("--model_type", default="clusiam", choices=list(METHODS))
-    model.add_argument("--backbone", default="resnet18", choices=list(BACKBONES))
+    model.add_argument("--backbone", default="resnet18",
+                       help="resnet18 (the paper's), resnet50, mit_b1 (SegFormer / LPD encoder) or a timm model name")
     model.add_argument("--num_clusters", default=100, type=int, help="clusters K of the assigner")
     model.add_argument("--feat_size", default=None, type=int,
                        help="projector output size (default: 2048 SimSiam family, 256 BYOL family)")
@@ -84,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--batch_size", default=512, type=int)
     data.add_argument("--num_worker", default=8, type=int, help="data loading processes (0 = in the main process)")
     data.add_argument("--image_size", default=224, type=int, help="side of each augmented view, in pixels")
+    data.add_argument("--patch_mpp", default=None, type=float,
+                      help="microns per pixel of the training patches (0.5 = 20x); recorded in checkpoints and exports")
     data.add_argument("--augment", default="batched", choices=["batched", "pil"],
                       help="batched: workers decode uint8 patches and the views are made in batch on the training "
                            "device; pil: the paper's pipeline, PIL transforms in the workers")
@@ -153,6 +156,10 @@ def parse_config(argv: Sequence[str] | None = None) -> argparse.Namespace:
         raise ConfigError(f"--alpha {args.alpha}: {args.model_type} has no cluster head, so alpha must be 0")
     if not 0 <= args.alpha <= 1:
         raise ConfigError(f"--alpha {args.alpha}: must lie in [0, 1]")
+    try:
+        backbone_family(args.backbone)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     if (args.mean is None) != (args.std is None):
         raise ConfigError("--mean and --std go together: give both or neither")
     for name in ("epochs", "batch_size", "image_size", "print_freq", "save_freq", "feat_size"):

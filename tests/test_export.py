@@ -1,0 +1,151 @@
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from torchvision import models
+from transformers import SegformerConfig, SegformerModel
+
+from clusiam.checkpoint import load_pretrained
+from clusiam.config import parse_config
+from clusiam.export import main as export_main
+from clusiam.mit import MixVisionTransformer
+from clusiam.train import train
+from conftest import tiny_run_args
+
+LPD_TSV = Path(__file__).resolve().parents[2] / "shared" / "specs" / "lpd_mit_b1_keys.tsv"
+PACKAGED_TSV = Path(__file__).resolve().parents[1] / "clusiam" / "assets" / "lpd_mit_b1_keys.tsv"
+
+
+def transformers_name(key: str) -> str:
+    """Our (LPD's) MiT-B1 parameter name as transformers 5's SegformerModel calls it."""
+    parts = key.split(".")
+    stage = int(parts[0][-1]) - 1
+    if parts[0].startswith("patch_embed"):
+        return f"stages.{stage}.patch_embeddings.{'proj' if parts[1] == 'proj' else 'layer_norm'}.{parts[2]}"
+    if parts[0].startswith("norm"):
+        return f"stages.{stage}.layer_norm.{parts[1]}"
+    block = f"stages.{stage}.blocks.{parts[1]}."
+    rest = ".".join(parts[2:])
+    renames = {"norm1": "layernorm_before", "norm2": "layernorm_after", "attn.q": "attention.q_proj",
+               "attn.proj": "attention.o_proj", "attn.sr": "attention.sequence_reduction.sequence_reduction",
+               "attn.norm": "attention.sequence_reduction.layer_norm"}
+    for ours, theirs in renames.items():
+        if rest.startswith(ours + "."):
+            return block + theirs + rest[len(ours):]
+    return block + rest  # mlp.fc1, mlp.dwconv.dwconv, mlp.fc2
+
+
+@pytest.mark.parametrize("strides", [(4, 2, 2, 2), (4, 2, 2, 1)])
+def test_mit_b1_computes_what_transformers_segformer_computes(strides):
+    torch.manual_seed(0)
+    ours = MixVisionTransformer(strides=strides).eval()
+    config = SegformerConfig(hidden_sizes=[64, 128, 320, 512], num_attention_heads=[1, 2, 5, 8], depths=[2, 2, 2, 2],
+                             sr_ratios=[8, 4, 2, 1], mlp_ratios=[4, 4, 4, 4], strides=list(strides))
+    theirs = SegformerModel(config).eval()
+    their_state = theirs.state_dict()
+    mapped = {}
+    for key, value in ours.state_dict().items():
+        if key.endswith("attn.kv.weight") or key.endswith("attn.kv.bias"):
+            prefix = transformers_name(key.replace("attn.kv", "attn.q")).replace("q_proj", "{}_proj")
+            keys, values = value.chunk(2)  # keys first, then values
+            mapped[prefix.format("k")], mapped[prefix.format("v")] = keys, values
+        else:
+            mapped[transformers_name(key)] = value
+    assert set(mapped) == set(their_state)
+    theirs.load_state_dict(mapped, strict=True)
+    ours_by_name = dict(ours.named_modules())
+    for name, module in theirs.named_modules():  # transformers uses eps 1e-5 throughout; take the reference's
+        if isinstance(module, nn.LayerNorm):
+            module.eps = next(m.eps for n, m in ours_by_name.items()
+                              if isinstance(m, nn.LayerNorm) and transformers_name(n + ".weight") == name + ".weight")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = theirs(x, output_hidden_states=True).hidden_states
+        for mine, reference in zip(ours.stages(x), expected):
+            assert mine.shape == reference.shape
+            assert (mine - reference).abs().max() < 1e-4
+
+
+@pytest.fixture(scope="module")
+def mit_checkpoint(tiny_demo, tmp_path_factory):
+    run = tmp_path_factory.mktemp("mit")
+    return train(parse_config(tiny_run_args(tiny_demo, run, "--backbone", "mit_b1", "--epochs", "1", "--patch_mpp", "0.5")))
+
+
+def features(network, x):
+    with torch.no_grad():
+        return network.eval()(x)
+
+
+def test_lpd_export_has_exactly_lpds_keys_and_gives_the_same_features(mit_checkpoint, tmp_path):
+    out = tmp_path / "pretrained" / "mit_b1.pth"
+    assert export_main([str(mit_checkpoint), "--format", "lpd", "--out", str(out)]) == 0
+    state = torch.load(out, weights_only=True)
+    listed = [line.split("\t") for line in LPD_TSV.read_text().splitlines()]
+    assert PACKAGED_TSV.read_text() == LPD_TSV.read_text()
+    assert [(k, list(v.shape)) for k, v in state.items()] == [(k, json.loads(s)) for k, s in listed]
+    assert sum(v.numel() for v in state.values()) == 13_151_424
+
+    lpd = MixVisionTransformer(strides=(4, 2, 2, 1))
+    lpd.load_state_dict(state, strict=True)
+    encoder = load_pretrained(mit_checkpoint)[0].backbone
+    encoder.patch_embed4.proj.stride = (1, 1)  # the same strides as LPD
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        for ours, theirs in zip(encoder.eval().stages(x), lpd.eval().stages(x)):
+            assert ours.shape == theirs.shape and (ours - theirs).abs().max() < 1e-5
+    assert lpd.stages(x)[-1].shape[-1] == 4  # last stage at 1/16 of 64 px
+
+    info = json.loads(out.with_suffix(".json").read_text())
+    assert info["architecture"] == "mit_b1" and info["input_channel_order"] == "RGB" and info["method"] == "clusiam"
+    assert info["patch_mpp"] == 0.5 and info["patch_size"] == 32 and info["epochs_trained"] == 1
+    assert len(info["source_sha256"]) == 64 and len(info["normalization"]["mean"]) == 3
+
+
+def test_bgr_export_sees_bgr_images_as_the_encoder_sees_rgb(mit_checkpoint, tmp_path):
+    out = tmp_path / "mit_b1_bgr.pth"
+    assert export_main([str(mit_checkpoint), "--format", "lpd", "--out", str(out), "--bgr"]) == 0
+    lpd = MixVisionTransformer()
+    lpd.load_state_dict(torch.load(out, weights_only=True), strict=True)
+    rgb = torch.randn(2, 3, 64, 64)
+    encoder = load_pretrained(mit_checkpoint)[0].backbone
+    assert (features(lpd, rgb.flip(1)) - features(encoder, rgb)).abs().max() < 1e-5
+    info = json.loads(out.with_suffix(".json").read_text())
+    rgb_mean = load_pretrained(mit_checkpoint)[1]["normalization"]["mean"]
+    assert info["input_channel_order"] == "BGR" and info["normalization"]["mean"] == rgb_mean[::-1]
+
+
+def test_torchvision_export_loads_strictly_with_real_batchnorm_statistics(tiny_checkpoint, tmp_path):
+    out = tmp_path / "resnet18.pth"
+    assert export_main([str(tiny_checkpoint), "--format", "torchvision", "--out", str(out)]) == 0
+    state = torch.load(out, weights_only=True)
+    network = models.resnet18(weights=None)
+    network.fc = nn.Identity()
+    network.load_state_dict(state, strict=True)
+    assert not torch.allclose(state["bn1.running_var"], torch.ones(64))  # statistics from pretraining, not defaults
+    x = torch.randn(2, 3, 64, 64)
+    assert (features(network, x) - features(load_pretrained(tiny_checkpoint)[0].backbone, x)).abs().max() < 1e-5
+
+
+def test_timm_export_loads_strictly_and_safetensors_hold_the_same_tensors(tiny_demo, tmp_path):
+    checkpoint = train(parse_config(tiny_run_args(tiny_demo, tmp_path / "run", "--backbone", "resnet10t", "--epochs", "1")))
+    assert export_main([str(checkpoint), "--format", "timm", "--out", str(tmp_path / "r10.pth")]) == 0
+    assert export_main([str(checkpoint), "--format", "timm", "--out", str(tmp_path / "r10.pth"), "--safetensors"]) == 0
+    state = torch.load(tmp_path / "r10.pth", weights_only=True)
+    tensors = load_file(tmp_path / "r10.safetensors")
+    assert state.keys() == tensors.keys() and all(torch.equal(state[k], tensors[k]) for k in state)
+    network = timm.create_model("resnet10t", pretrained=False, num_classes=0)
+    network.load_state_dict(state, strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    assert (features(network, x) - features(load_pretrained(checkpoint)[0].backbone, x)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("fmt, message", [("lpd", "--format lpd needs mit_b1"), ("timm", "--format timm needs a timm model")])
+def test_a_wrong_pairing_is_refused(tiny_checkpoint, tmp_path, capsys, fmt, message):
+    assert export_main([str(tiny_checkpoint), "--format", fmt, "--out", str(tmp_path / "x.pth")]) == 2
+    assert message in capsys.readouterr().out
+    assert not list(tmp_path.iterdir())
