@@ -105,6 +105,17 @@ def test_dsmil_finds_the_few_positive_instances_without_touching_test_early(tmp_
     assert (out / "roc.png").stat().st_size > 0 and "test_auc_tumor" in (out / "report.md").read_text()
 
 
+def test_one_sigmoid_output_scores_only_the_positive_class(tmp_path):
+    labels = write_bags(tmp_path / "feats", slides_per_class=10)
+    write_labels(tmp_path / "slides.csv", labels)
+    report, out = run_mil(tmp_path, tmp_path / "feats", tmp_path / "slides.csv", "one", "--num_classes", "1",
+                          "--epochs", "3")
+    assert report["classes"] == ["tumor"] and list(report["runs"][0]["thresholds"]) == ["tumor"]
+    assert set(report["summary"]) == {"test_accuracy", "test_balanced_accuracy", "test_auc_tumor"}
+    header = next(csv.reader(open(out / "predictions.csv")))
+    assert header == ["seed", "fold", "slide", "label", "score_tumor", "predicted_tumor"]
+
+
 def test_folds_and_seeds_are_summarised(tmp_path):
     labels = write_bags(tmp_path / "feats", slides_per_class=15)
     write_labels(tmp_path / "slides.csv", labels)

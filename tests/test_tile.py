@@ -1,4 +1,5 @@
 import csv
+import json
 import shutil
 
 import h5py
@@ -74,7 +75,19 @@ def test_a_corrupt_slide_is_reported_and_skipped(tiled, capsys):
     assert (index / "cmu_thumbnail.png").is_file()
 
 
-def test_an_asap_polygon_labels_exactly_the_tiles_inside_it(slides, tiled, tmp_path):
+def test_a_slide_without_resolution_needs_slide_mpp(tmp_path):
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    region = tiffslide.TiffSlide(CMU_SLIDE).read_region((600, 600), 0, (1100, 2000)).convert("RGB")
+    region.save(folder / "plain.tif")  # a TIFF that records no microns per pixel
+    assert tile_main([str(folder), "--out", str(tmp_path / "a"), "--workers", "1"]) == 0
+    assert "records no microns-per-pixel; pass --slide_mpp" in (tmp_path / "a_index" / "failed_slides.txt").read_text()
+    assert tile_main([str(folder), "--out", str(tmp_path / "b"), "--workers", "1", "--slide_mpp", "0.5"]) == 0
+    assert len(list((tmp_path / "b" / "plain").glob("*.png"))) > 0
+
+
+@pytest.mark.parametrize("kind", ["asap", "geojson"])
+def test_an_annotation_polygon_labels_exactly_the_tiles_inside_it(slides, tiled, tmp_path, kind):
     _, coords, attrs = tiled
     side = attrs["patch_size_level0"]
     inside = sorted(map(tuple, coords))[10:12]  # two kept tiles of one column or row
@@ -83,10 +96,16 @@ def test_an_asap_polygon_labels_exactly_the_tiles_inside_it(slides, tiled, tmp_p
     annotations = tmp_path / "annotations"
     annotations.mkdir()
     corners = [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]
-    points = "".join(f'<Coordinate Order="{i}" X="{x}" Y="{y}"/>' for i, (x, y) in enumerate(corners))
-    (annotations / "cmu.xml").write_text(
-        f'<ASAP_Annotations><Annotations><Annotation Name="t" Type="Polygon" PartOfGroup="_0">'
-        f"<Coordinates>{points}</Coordinates></Annotation></Annotations></ASAP_Annotations>")
+    if kind == "asap":
+        points = "".join(f'<Coordinate Order="{i}" X="{x}" Y="{y}"/>' for i, (x, y) in enumerate(corners))
+        (annotations / "cmu.xml").write_text(
+            f'<ASAP_Annotations><Annotations><Annotation Name="t" Type="Polygon" PartOfGroup="_0">'
+            f"<Coordinates>{points}</Coordinates></Annotation></Annotations></ASAP_Annotations>")
+    else:
+        ring = [[float(x), float(y)] for x, y in corners + corners[:1]]
+        feature = {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
+                   "properties": {"classification": {"name": "Tumor"}}}
+        (annotations / "cmu.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [feature]}))
     out = tmp_path / "labelled"
     assert tile_main([str(slides), "--out", str(out), "--workers", "1", "--annotations", str(annotations)]) == 0
     with h5py.File(tmp_path / "labelled_index" / "cmu.h5") as handle:
