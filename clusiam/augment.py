@@ -167,10 +167,18 @@ def shift_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return (value - chroma * torch.minimum(k, 4 - k).clamp(0, 1)).clamp_(0, 1)
 
 
-def colour_jitter(images: torch.Tensor, factors: torch.Tensor, hue: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+def hue_rows(order: torch.Tensor) -> list[torch.Tensor]:
+    """For each of the four positions of the jitter order, the images whose hue shift
+    comes there. Computed on the host from the host-side draws, so no sync is needed."""
+    return [(order[:, position] == 3).nonzero().squeeze(1) for position in range(4)]
+
+
+def colour_jitter(images: torch.Tensor, factors: torch.Tensor, hue: torch.Tensor, order: torch.Tensor,
+                  rows: Sequence[torch.Tensor]) -> torch.Tensor:
     """torchvision's ColorJitter with per-image draws: ``factors`` (N, 3) for brightness,
     contrast and saturation, ``hue`` (N,), and ``order`` (N, 4), each image's order of the
-    four adjustments (0-3; -1 skips the position), clamping after each."""
+    four adjustments (0-3; -1 skips the position), clamping after each. ``rows`` is
+    :func:`hue_rows` of ``order``: the costly HSV round trip runs only on those images."""
     ones, zeros = torch.ones_like(hue), torch.zeros_like(hue)
     for position in range(4):
         op = order[:, position]
@@ -178,7 +186,9 @@ def colour_jitter(images: torch.Tensor, factors: torch.Tensor, hue: torch.Tensor
         factor = torch.where(brightness, factors[:, 0], torch.where(contrast, factors[:, 1],
                              torch.where(saturation, factors[:, 2], ones)))
         images = blend(images, factor, torch.where(saturation, 1 - factor, zeros), torch.where(contrast, 1 - factor, zeros))
-        images = shift_hue(images, torch.where(op == 3, hue, zeros))
+        if len(rows[position]):
+            shifted = shift_hue(images.index_select(0, rows[position]), hue.index_select(0, rows[position]))
+            images = images.index_copy(0, rows[position], shifted)
     return images
 
 
@@ -211,6 +221,14 @@ def hed_jitter(images: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -
     return torch.exp(-(density @ rgb_from_hed)).clamp(0, 1).permute(0, 3, 1, 2).contiguous()
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``; to a GPU through pinned memory, so the copy is
+    asynchronous (a copy from pageable memory would wait for the GPU's queue)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 class ViewParams(NamedTuple):
     """Every random draw of one view of a batch; row i belongs to image i."""
 
@@ -226,11 +244,10 @@ class ViewParams(NamedTuple):
     hed_shift: torch.Tensor  # (N, 3)
 
     def to_device(self, device: torch.device) -> "ViewParams":
-        """The draws on ``device`` in one copy. For a GPU the copy leaves pinned memory,
-        so it is asynchronous: a copy from pageable memory would wait for the GPU's queue."""
+        """The draws on ``device``, in one copy."""
         if device.type != "cuda":
             return ViewParams(*(t.to(device) for t in self))
-        flat = torch.cat([t.reshape(len(t), -1).float() for t in self], 1).pin_memory().to(device, non_blocking=True)
+        flat = to_device(torch.cat([t.reshape(len(t), -1).float() for t in self], 1), device)
         pieces = flat.split([t[0].numel() for t in self], 1)
         return ViewParams(*(piece.reshape(t.shape).to(t.dtype) for piece, t in zip(pieces, self)))
 
@@ -276,12 +293,12 @@ class BatchViews:
         out = crop_resize(images, p.boxes, self.image_size, p.orientation)
         if self.recipe.hed_jitter > 0:
             out = hed_jitter(out, p.hed_scale, p.hed_shift)
-        out = colour_jitter(out, p.jitter_factors, p.hue, p.jitter_order)
+        rows = [to_device(r, device) for r in hue_rows(params.jitter_order)]
+        out = colour_jitter(out, p.jitter_factors, p.hue, p.jitter_order, rows)
         out = torch.where(p.greyed.view(-1, 1, 1, 1), grey(out).expand_as(out), out)
         # Blur only the images that drew it; their indices are known on the host, no sync.
-        blurred = params.blurred.nonzero().squeeze(1)
+        blurred = to_device(params.blurred.nonzero().squeeze(1), device)
         if len(blurred):
-            blurred = (blurred.pin_memory() if device.type == "cuda" else blurred).to(device, non_blocking=True)
             out = out.index_copy(0, blurred, gaussian_blur(out.index_select(0, blurred), p.sigma.index_select(0, blurred)))
         return (out - self.mean) / self.std
 

@@ -12,6 +12,7 @@ from clusiam.augment import (
     gaussian_blur,
     grey,
     hed_jitter,
+    hue_rows,
     sample_crops,
     sample_view_params,
     shift_hue,
@@ -109,7 +110,7 @@ def test_jitter_applies_each_images_own_order(images):
     factors = torch.tensor([[1.3, 0.7, 1.2]]).expand(6, 3)
     hue = torch.full((6,), 0.08)
     orders = torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0], [2, 0, 3, 1], [1, 3, 0, 2], [-1, -1, -1, -1], [3, 0, 2, 1]])
-    ours = colour_jitter(images, factors, hue, orders)
+    ours = colour_jitter(images, factors, hue, orders, hue_rows(orders))
     steps = [lambda x: TF.adjust_brightness(x, 1.3), lambda x: TF.adjust_contrast(x, 0.7),
              lambda x: TF.adjust_saturation(x, 1.2), lambda x: TF.adjust_hue(x, 0.08)]
     for i, order in enumerate(orders.tolist()):
