@@ -10,8 +10,6 @@ columns path, label, slide.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -25,10 +23,15 @@ from torch import nn
 from clusiam.checkpoint import load_pretrained
 from clusiam.config import ConfigError, resolve_device
 from clusiam.data import DataError, LabelledPatches, file_digest, read_labelled_patches, split_overlap
-from clusiam.errors import run_command
 from clusiam.features import FEATURE_TYPES, PixelFeatures, cached_encode, feature_extractor
 from clusiam.knn import BACKENDS, choose_backend, l2_normalize, search, vote
-from clusiam.metrics import classification_metrics, plot_confusion_matrix, write_per_slide_accuracy
+from clusiam.metrics import (
+    classification_metrics,
+    plot_confusion_matrix,
+    report_command,
+    save_report,
+    write_per_slide_accuracy,
+)
 from clusiam.models import PretrainModel
 
 PIXEL_BASELINE_SIZE = 16  # raw-pixel baseline: 16 x 16 x 3 = 768 values
@@ -169,10 +172,7 @@ def evaluate(args: argparse.Namespace) -> dict:
 
 
 def write_report(out: Path, report: dict) -> None:
-    """``report.json`` (everything) and ``report.md`` (the tables a person reads)."""
-    temporary = out / "report.json.tmp"
-    temporary.write_text(json.dumps(report, indent=2))
-    os.replace(temporary, out / "report.json")
+    """``report.json`` and ``report.md``: one row per encoder and k."""
     positive = report["positive"]
     train, test = report["train"], report["test"]
     lines = [
@@ -199,12 +199,8 @@ def write_report(out: Path, report: dict) -> None:
         lines.append(f"| {row['encoder']} | {row['k']} | " + " | ".join(cells) + " |")
     if report["warnings"]:
         lines += ["", "**Warnings**", "", *[f"- {w}" for w in report["warnings"]]]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    save_report(out, report, lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    status = run_command(lambda: evaluate(args))
-    if status == 0:
-        print((Path(args.out) / "report.md").read_text())
-    return status
+    return report_command(evaluate, build_parser().parse_args(argv))

@@ -1,10 +1,13 @@
 """Classification metrics and the pictures and tables that report them."""
 from __future__ import annotations
 
+import argparse
 import csv
+import json
+import os
 from collections import defaultdict
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import matplotlib
 
@@ -18,6 +21,8 @@ from sklearn.metrics import (
     f1_score,
     precision_recall_fscore_support,
 )
+
+from clusiam.errors import run_command
 
 
 def classification_metrics(y_true: Sequence[str], y_pred: Sequence[str], classes: Sequence[str],
@@ -79,3 +84,19 @@ def write_per_slide_accuracy(path: Path, slides: Sequence[str], y_true: Sequence
         for slide in sorted(rows):
             patches, correct, true_positive, predicted_positive = rows[slide]
             writer.writerow([slide, patches, correct, round(correct / patches, 4), true_positive, predicted_positive])
+
+
+def save_report(out: Path, report: dict, markdown: Sequence[str]) -> None:
+    """``report.json`` (everything, written atomically) and ``report.md`` (the tables a person reads)."""
+    temporary = out / "report.json.tmp"
+    temporary.write_text(json.dumps(report, indent=2))
+    os.replace(temporary, out / "report.json")
+    (out / "report.md").write_text("\n".join(markdown) + "\n")
+
+
+def report_command(evaluate: Callable[[argparse.Namespace], object], args: argparse.Namespace) -> int:
+    """Run an evaluation command; on success show the report it wrote to ``args.out``."""
+    status = run_command(lambda: evaluate(args))
+    if status == 0:
+        print((Path(args.out) / "report.md").read_text())
+    return status

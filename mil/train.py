@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
-import os
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +33,7 @@ from tqdm import tqdm
 
 from clusiam.config import ConfigError, resolve_device
 from clusiam.data import DataError, read_table
-from clusiam.errors import run_command
+from clusiam.metrics import report_command, save_report
 from mil.dsmil import AGGREGATORS
 
 SPLITS = ("train", "val", "test")
@@ -113,12 +111,12 @@ def runs(split: dict[str, str], labels: dict[str, str], folds: int, seeds: int, 
             for run_seed in range(seeds) for fold, (train, val) in enumerate(partitions)]
 
 
-def load_bag(folder: Path, slide: str, label: str) -> Bag:
+def load_bag(folder: Path, slide: str, label: str, device: torch.device) -> Bag:
     path = folder / f"{slide}.h5"
     if not path.is_file():
         raise DataError(f"no features for slide {slide}: {path} is missing (run mil.compute_feats, or drop the slide from the labels)")
     with h5py.File(path, "r") as handle:
-        features = torch.from_numpy(handle["features"][:]).float()
+        features = torch.from_numpy(handle["features"][:]).float().to(device)
         coords = handle["coords"][:] if "coords" in handle else None
     if len(features) == 0:
         raise DataError(f"{path} holds no patches")
@@ -246,10 +244,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     targets = Targets(classes, positive, args.num_classes)
     device = resolve_device(args.device)
     folder = Path(args.feats)
-    bags = {s: load_bag(folder, s, labels[s]) for s in sorted(split) if split[s] != "test"}
+    bags = {s: load_bag(folder, s, labels[s], device) for s in sorted(split) if split[s] != "test"}
     feature_dim = next(iter(bags.values())).features.shape[1]
-    for bag in bags.values():
-        bag.features = bag.features.to(device)
 
     plans = runs(split, labels, args.folds, args.seeds, args.split_seed)
     trained = []
@@ -259,9 +255,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         trained.append({**plan, **result})
 
     # Only now are the test slides read, and each trained model scores them once.
-    test_bags = [load_bag(folder, s, labels[s]) for s in sorted(split) if split[s] == "test"]
-    for bag in test_bags:
-        bag.features = bag.features.to(device)
+    test_bags = [load_bag(folder, s, labels[s], device) for s in sorted(split) if split[s] == "test"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows, tested = [], []
@@ -287,9 +281,6 @@ def evaluate(args: argparse.Namespace) -> dict:
 def write_outputs(out: Path, report: dict, trained: list[dict], tested: list[dict], test_bags: list[Bag],
                   targets: Targets) -> None:
     """report.json, report.md, roc.png, predictions.csv and attention/<run>.h5."""
-    temporary = out / "report.json.tmp"
-    temporary.write_text(json.dumps(report, indent=2))
-    os.replace(temporary, out / "report.json")
 
     with open(out / "predictions.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
@@ -339,15 +330,11 @@ def write_outputs(out: Path, report: dict, trained: list[dict], tested: list[dic
         thresholds = ", ".join(f"{k} {v:.3f}" for k, v in row["thresholds"].items())
         lines.append(f"| {row['seed']} | {row['fold']} | {row['best_epoch']} | {row['val_auc']:.4f} | {thresholds} | "
                      + " | ".join(f"{row[m]:.4f}" for m in summary) + " |")
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    save_report(out, report, lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    status = run_command(lambda: evaluate(args))
-    if status == 0:
-        print((Path(args.out) / "report.md").read_text())
-    return status
+    return report_command(evaluate, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":
