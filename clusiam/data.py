@@ -33,20 +33,24 @@ class DataError(UserError):
     """Bad training data, with a message that names the file and what to do."""
 
 
-def find_images(root: str | os.PathLike) -> list[Path]:
-    """All image files under ``root`` at any depth, sorted for a stable order."""
+def find_files(root: str | os.PathLike, extensions: Sequence[str], noun: str, folder_advice: str,
+               empty_advice: str) -> list[Path]:
+    """All files under ``root`` at any depth whose suffix is one of ``extensions``, sorted
+    for a stable order; a missing folder or no match is a :class:`DataError` with advice."""
     root = Path(root)
-    if not root.exists():
-        raise DataError(f"data folder {root} does not exist: pass a folder of patch images, or no DATA_DIR for the demo")
     if not root.is_dir():
-        raise DataError(f"data folder {root} is not a folder: pass the folder that holds the patch images")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        state = "is not a folder" if root.exists() else "does not exist"
+        raise DataError(f"{root} {state}: {folder_advice}")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in extensions and p.is_file())
     if not files:
-        raise DataError(
-            f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}: "
-            "check the path, or tile slides into patches first"
-        )
+        raise DataError(f"no {noun} ({', '.join(extensions)}) found under {root}: {empty_advice}")
     return files
+
+
+def find_images(root: str | os.PathLike) -> list[Path]:
+    """All patch images under ``root`` at any depth."""
+    return find_files(root, IMAGE_EXTENSIONS, "images", "pass a folder of patch images, or no DATA_DIR for the demo",
+                      "check the path, or tile slides into patches first")
 
 
 def inspect_image(path: Path, min_size: int) -> tuple[str | None, tuple[int, int] | None]:
@@ -215,13 +219,7 @@ def read_labelled_patches(source: str | os.PathLike) -> LabelledPatches:
     Every patch must belong to a slide; a listed file that does not exist is an error."""
     source = Path(source)
     if source.suffix.lower() == ".csv":
-        if not source.is_file():
-            raise DataError(f"label file {source} does not exist")
-        with open(source, newline="") as handle:
-            rows = list(csv.DictReader(handle))
-        missing_columns = {"path", "label", "slide"} - set(rows[0] if rows else {})
-        if missing_columns:
-            raise DataError(f"{source}: needs columns path, label, slide; missing {', '.join(sorted(missing_columns))}")
+        rows = read_csv_rows(source, ("path", "label", "slide"))
         paths = [source.parent / row["path"] for row in rows]
         absent = [p for p in paths if not p.is_file()]
         if absent:
@@ -280,18 +278,31 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_table(path: str | os.PathLike, columns: tuple[str, str]) -> dict[str, str]:
-    """A two-column CSV as a dict, with clear errors for a missing file, missing columns
-    or a slide listed twice."""
+def read_csv_rows(path: str | os.PathLike, columns: Sequence[str]) -> list[dict[str, str]]:
+    """The rows of a CSV with a header, refusing a missing file or missing columns."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path} does not exist")
     with open(path, newline="") as handle:
         rows = list(csv.DictReader(handle))
-    if not rows or not set(columns) <= set(rows[0]):
-        raise DataError(f"{path}: needs columns {', '.join(columns)}")
+    missing = [c for c in columns if c not in (rows[0] if rows else {})]
+    if missing:
+        raise DataError(f"{path}: needs columns {', '.join(columns)}; missing {', '.join(missing)}")
+    return rows
+
+
+def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence]) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def read_table(path: str | os.PathLike, columns: tuple[str, str]) -> dict[str, str]:
+    """A two-column CSV as a dict, with clear errors for a missing file, missing columns
+    or a slide listed twice."""
     table: dict[str, str] = {}
-    for row in rows:
+    for row in read_csv_rows(path, columns):
         key, value = row[columns[0]].strip(), row[columns[1]].strip()
         if key in table:
             raise DataError(f"{path}: slide {key} is listed twice")

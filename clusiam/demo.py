@@ -20,7 +20,6 @@ Run ``python -m clusiam.demo OUT_DIR`` to write the set.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,12 +28,13 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from clusiam.augment import RGB_FROM_HED
+from clusiam.data import write_csv
+
 CMU_SLIDE = Path(__file__).parent / "assets" / "cmu_small_region.svs"
 DEMO_VERSION = 2
 
-# Ruifrok & Johnston's H&E optical-density vectors (RGB).
-HAEMATOXYLIN = np.array([0.65, 0.70, 0.29])
-EOSIN = np.array([0.07, 0.99, 0.11])
+HAEMATOXYLIN, EOSIN = RGB_FROM_HED[0].numpy(), RGB_FROM_HED[1].numpy()  # Ruifrok & Johnston's OD vectors
 
 
 @dataclass(frozen=True)
@@ -143,13 +143,6 @@ def write_synthetic(root: Path, spec: DemoSpec) -> None:
     train_slides = {f"{label}_{i:03d}" for label in ("normal", "tumor") for i in range(spec.slides_per_class // 2)}
     write_csv(root / "knn_train.csv", ("path", "label", "slide"), [r for r in patch_rows if r[2] in train_slides])
     write_csv(root / "knn_test.csv", ("path", "label", "slide"), [r for r in patch_rows if r[2] not in train_slides])
-
-
-def write_csv(path: Path, header: tuple[str, ...], rows: list[tuple]) -> None:
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows(rows)
 
 
 def write_cmu_patches(root: Path, patch_size: int, min_tissue: float = 0.5) -> int:

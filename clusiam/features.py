@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -70,21 +70,23 @@ def feature_extractor(model: PretrainModel, feature: str = "backbone") -> nn.Mod
 @torch.no_grad()
 def encode(encoder: nn.Module, files: Sequence[Path], mean: Sequence[float], std: Sequence[float],
            device: torch.device, batch_size: int = 256, num_workers: int = 4, resize: int | None = None,
-           out: np.ndarray | None = None, desc: str = "encoding") -> np.ndarray:
-    """Features (N, D) float32 of ``files`` in order, written into ``out`` when given."""
+           allocate: Callable[[tuple[int, int]], np.ndarray] | None = None, desc: str = "encoding") -> np.ndarray:
+    """Features (N, D) float32 of ``files`` in order, in the array ``allocate((N, D))``
+    returns once the first batch tells D (a memory map, say)."""
     on_gpu = device.type == "cuda"
     memory_format = torch.channels_last if on_gpu else torch.preserve_format
     encoder = encoder.eval().to(device, memory_format=memory_format)
     mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
     loader = DataLoader(PatchTensors(files, resize), batch_size=batch_size, num_workers=num_workers, pin_memory=on_gpu)
-    start = 0
+    start, out = 0, None
     for batch in tqdm(loader, desc=desc, unit="batch"):
         images = batch.to(device, non_blocking=True, memory_format=memory_format).float().div_(255)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
             features = encoder((images - mean_t) / std_t).float().cpu().numpy()
         if out is None:
-            out = np.empty((len(files), features.shape[1]), dtype=np.float32)
+            shape = (len(files), features.shape[1])
+            out = allocate(shape) if allocate else np.empty(shape, dtype=np.float32)
         out[start : start + len(features)] = features
         start += len(features)
     return out
@@ -103,9 +105,8 @@ def cached_encode(cache_dir: Path, identity: str, encoder: nn.Module, files: Seq
         return np.load(path, mmap_mode="r"), True
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.stem + ".tmp.npy")
-    first = encode(encoder, files[:1], mean, std, device, **{**options, "desc": "probing"})
-    out = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.float32, shape=(len(files), first.shape[1]))
-    encode(encoder, files, mean, std, device, out=out, **options)
+    out = encode(encoder, files, mean, std, device, **options,
+                 allocate=lambda shape: np.lib.format.open_memmap(temporary, mode="w+", dtype=np.float32, shape=shape))
     out.flush()
     del out
     os.replace(temporary, path)

@@ -75,23 +75,24 @@ def row_name(path: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(Path(path).with_suffix(""))).strip("_")
 
 
-def checkpoint_encoders(paths: Sequence[str], feature: str) -> list[Encoder]:
-    encoders = []
+def checkpoint_encoders(paths: Sequence[str], feature: str) -> tuple[list[Encoder], dict]:
+    """One encoder per checkpoint, and the first checkpoint (the baselines copy its setup)."""
+    encoders, states = [], []
     for path in paths:
         model, state = load_pretrained(path)
+        states.append(state)
         encoders.append(Encoder(
             name=row_name(path), feature=feature, module=feature_extractor(model, feature),
             mean=state["normalization"]["mean"], std=state["normalization"]["std"],
             identity=f"checkpoint {file_digest(Path(path))} {feature}", checkpoint=str(path),
         ))
-    return encoders
+    return encoders, states[0]
 
 
-def baseline_encoders(reference_checkpoint: str) -> list[Encoder]:
+def baseline_encoders(reference: dict) -> list[Encoder]:
     """A randomly initialised encoder of the reference checkpoint's architecture (seed 0)
     and downsampled raw pixels, both with its normalisation."""
-    _, state = load_pretrained(reference_checkpoint)
-    config, normalization = state["config"], state["normalization"]
+    config, normalization = reference["config"], reference["normalization"]
     torch.manual_seed(0)
     random_model = PretrainModel(config["model_type"], config["backbone"], config["feat_size"], config["num_clusters"])
     return [
@@ -126,13 +127,13 @@ def evaluate(args: argparse.Namespace) -> dict:
     print(f"KNN on {backend}; features on {device}; {len(train.paths)} train / {len(test.paths)} test patches; "
           f"classes {classes}, positive {positive}")
 
-    encoders = checkpoint_encoders(args.checkpoint, args.feature)
+    encoders, reference = checkpoint_encoders(args.checkpoint, args.feature)
     if args.baselines:
-        encoders += baseline_encoders(args.checkpoint[0])
+        encoders += baseline_encoders(reference)
     class_index = {c: i for i, c in enumerate(classes)}
     bank_labels = np.array([class_index[c] for c in train.labels])
-    counts = {"train_patches": len(train.paths), "train_slides": len(set(train.slides)),
-              "test_patches": len(test.paths), "test_slides": len(set(test.slides))}
+    summaries = {"train": split_summary(train), "test": split_summary(test)}
+    counts = {f"{split}_{what}": summary[what] for split, summary in summaries.items() for what in ("patches", "slides")}
     cache_dir = Path(args.cache_dir) if args.cache_dir else out / "cache"
     options = {"batch_size": args.batch_size, "num_workers": args.num_workers, "resize": args.resize}
     rows = []
@@ -161,8 +162,8 @@ def evaluate(args: argparse.Namespace) -> dict:
                                       folder / "confusion_matrix.png")
                 write_per_slide_accuracy(folder / "per_slide.csv", test.slides, test.labels, predicted, positive)
     report = {
-        "train": {"source": str(args.train), **split_summary(train)},
-        "test": {"source": str(args.test), **split_summary(test)},
+        "train": {"source": str(args.train), **summaries["train"]},
+        "test": {"source": str(args.test), **summaries["test"]},
         "classes": classes, "positive": positive, "backend": backend, "device": str(device),
         "warnings": [f"train/test overlap allowed by --allow_overlap: {p}" for p in problems],
         "rows": rows,

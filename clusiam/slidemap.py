@@ -25,7 +25,8 @@ from clusiam.checkpoint import load_pretrained
 from clusiam.config import resolve_device
 from clusiam.errors import UserError, run_command
 from clusiam.features import encode
-from clusiam.tile import annotation_file, open_slide, polygon_outlines, read_annotations
+from clusiam.data import write_csv
+from clusiam.tile import annotation_file, index_folder, open_slide, polygon_outlines, read_annotations, slide_thumbnail
 
 TILE_ALPHA = 0.55
 
@@ -107,19 +108,18 @@ def draw(args: argparse.Namespace) -> Path:
     if (args.checkpoint is None) == (args.scores is None):
         raise UserError("pass exactly one of --checkpoint (cluster map) and --scores (heatmap)")
     name = args.slide.stem
-    index = read_index(args.index_dir or args.patches.with_name(args.patches.name + "_index"), name)
+    index = read_index(args.index_dir or index_folder(args.patches), name)
     slide = open_slide(args.slide)
     scale = args.map_mpp / index["mpp0"]
-    size = (max(1, round(slide.dimensions[0] / scale)), max(1, round(slide.dimensions[1] / scale)))
-    thumbnail = slide.get_thumbnail(size).convert("RGB").resize(size)
+    thumbnail = slide_thumbnail(slide, scale)
     slide.close()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.checkpoint:
         clusters = tile_clusters(args.checkpoint, [args.patches / p for p in index["paths"]], args.device, args.batch_size)
         colours = cluster_palette(int(clusters.max()) + 1)[clusters]
         target = args.out / f"{name}_clusters.png"
-        with open(args.out / f"{name}_clusters.csv", "w", newline="") as handle:
-            csv.writer(handle).writerows([("x", "y", "cluster"), *((x, y, c) for (x, y), c in zip(index["coords"], clusters))])
+        write_csv(args.out / f"{name}_clusters.csv", ("x", "y", "cluster"),
+                  [(x, y, c) for (x, y), c in zip(index["coords"], clusters)])
     else:
         scores = read_scores(args.scores, name, index["coords"])
         low, high = np.nanmin(scores), np.nanmax(scores)

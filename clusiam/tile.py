@@ -30,7 +30,7 @@ from skimage.filters import threshold_otsu
 from skimage.morphology import remove_small_holes, remove_small_objects
 from tqdm import tqdm
 
-from clusiam.data import read_table
+from clusiam.data import find_files, read_table, write_csv
 from clusiam.errors import UserError, run_command
 
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".mrxs", ".vms", ".vmu", ".bif", ".svslide")
@@ -148,8 +148,7 @@ def tile_slide(path: Path, out: Path, index_dir: Path, slide_class: str | None, 
         step0 = tile0 * (1 - options.overlap)
 
         thumb_scale = options.mask_mpp / mpp0  # level-0 pixels per thumbnail pixel
-        thumb_size = (max(1, round(width / thumb_scale)), max(1, round(height / thumb_scale)))
-        thumbnail = np.asarray(slide.get_thumbnail(thumb_size).convert("RGB").resize(thumb_size))
+        thumbnail = np.asarray(slide_thumbnail(slide, thumb_scale))
         mask, threshold = tissue_mask(thumbnail, options.mask_mpp, options)
 
         coords, tissue = [], []
@@ -263,18 +262,25 @@ def build_parser() -> argparse.ArgumentParser:
 def find_slides(source: Path) -> list[Path]:
     if source.is_file():
         return [source]
-    if not source.is_dir():
-        raise UserError(f"{source} does not exist: pass a slide file or a folder of slides")
-    slides = sorted(p for p in source.rglob("*") if p.suffix.lower() in SLIDE_EXTENSIONS and p.is_file())
-    if not slides:
-        raise UserError(f"no slides ({', '.join(SLIDE_EXTENSIONS)}) under {source}")
-    return slides
+    return find_files(source, SLIDE_EXTENSIONS, "slides", "pass a slide file or a folder of slides", "check the path")
+
+
+def index_folder(patch_root: Path) -> Path:
+    """Where the tiler puts a patch root's index, thumbnails and tables: PATCH_ROOT_index."""
+    return patch_root.with_name(patch_root.name + "_index")
+
+
+def slide_thumbnail(slide, scale: float) -> Image.Image:
+    """The whole slide as RGB, ``scale`` level-0 pixels per thumbnail pixel."""
+    width, height = slide.dimensions
+    size = (max(1, round(width / scale)), max(1, round(height / scale)))
+    return slide.get_thumbnail(size).convert("RGB").resize(size)
 
 
 def tile(args: argparse.Namespace) -> dict:
     """Tile every slide; unreadable ones are reported, listed and skipped."""
     slides = find_slides(args.slides)
-    index_dir = args.index_dir or args.out.with_name(args.out.name + "_index")
+    index_dir = args.index_dir or index_folder(args.out)
     index_dir.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     classes = read_table(args.classes, ("slide", "label")) if args.classes else {}
@@ -296,11 +302,9 @@ def tile(args: argparse.Namespace) -> dict:
         writer.writeheader()
         writer.writerows(rows)
     if args.annotations is not None:
-        with open(index_dir / "patch_labels.csv", "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["path", "label", "slide"])
-            relative = Path("..") / args.out.name if index_dir.parent == args.out.parent else args.out.resolve()
-            writer.writerows([(str(relative / path), label, slide) for path, label, slide in patch_labels])
+        relative = Path("..") / args.out.name if index_dir.parent == args.out.parent else args.out.resolve()
+        write_csv(index_dir / "patch_labels.csv", ("path", "label", "slide"),
+                  [(str(relative / path), label, slide) for path, label, slide in patch_labels])
     if failed:
         (index_dir / "failed_slides.txt").write_text("".join(f"{p}\t{why}\n" for p, why in failed))
     print(f"{sum(r['tiles'] for r in rows)} patches from {len(rows)} slides into {args.out}; index in {index_dir}"

@@ -12,7 +12,6 @@ report gives each run and the mean and standard deviation.
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import statistics
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from sklearn.model_selection import StratifiedKFold, train_test_split
 from tqdm import tqdm
 
 from clusiam.config import ConfigError, resolve_device
-from clusiam.data import DataError, read_table
+from clusiam.data import DataError, read_table, write_csv
 from clusiam.metrics import report_command, save_report
 from mil.dsmil import AGGREGATORS
 
@@ -282,13 +281,12 @@ def write_outputs(out: Path, report: dict, trained: list[dict], tested: list[dic
                   targets: Targets) -> None:
     """report.json, report.md, roc.png, predictions.csv and attention/<run>.h5."""
 
-    with open(out / "predictions.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["seed", "fold", "slide", "label", *[f"score_{n}" for n in targets.names],
-                         *[f"predicted_{n}" for n in targets.names]])
-        for run, result in zip(trained, tested):
-            for bag, scores, predicted in zip(test_bags, result["scores"], result["predicted"]):
-                writer.writerow([run["seed"], run["fold"], bag.slide, bag.label, *np.round(scores, 6), *predicted.astype(int)])
+    write_csv(out / "predictions.csv",
+              ["seed", "fold", "slide", "label", *[f"score_{n}" for n in targets.names],
+               *[f"predicted_{n}" for n in targets.names]],
+              [[run["seed"], run["fold"], bag.slide, bag.label, *np.round(scores, 6), *predicted.astype(int)]
+               for run, result in zip(trained, tested)
+               for bag, scores, predicted in zip(test_bags, result["scores"], result["predicted"])])
 
     (out / "attention").mkdir(exist_ok=True)
     for run, result in zip(trained, tested):
