@@ -3,11 +3,16 @@
     python pretrain.py --config configs/clusiam.yaml /data/camelyon16_patches
     python pretrain.py --config configs/demo.yaml          # built-in demo data, CPU
 
+    torchrun --nproc_per_node 8 pretrain.py --config configs/clubyol.yaml DATA   # 8 GPUs
+
 See ``python pretrain.py --help`` and clusiam/config.py for every option.
 """
 import sys
 
+from torch.distributed.elastic.multiprocessing.errors import record
+
 from clusiam.train import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # record: under torchrun, an unexpected exception's traceback reaches torchrun's failure summary.
+    sys.exit(record(main)())

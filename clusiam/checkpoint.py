@@ -2,13 +2,14 @@
 
 A checkpoint is a plain dict. The authors' keys keep their meaning (``epoch``: epochs
 completed, ``state_dict``: the model, ``optimizer``: the optimizer); clusiam adds ``step``,
-``rng`` (to resume exactly), ``config`` (the resolved options) and ``normalization``
-(the mean/std the views were normalised with, which evaluation must reuse).
+``config`` (the resolved options, and the number of processes that trained it) and
+``normalization`` (the mean/std the views were normalised with, which evaluation must
+reuse). Nothing in it depends on the number of processes, so any world size resumes it:
+random streams are reseeded from (seed, epoch, rank) at every epoch instead of stored.
 """
 from __future__ import annotations
 
 import os
-import random
 from pathlib import Path
 from typing import Any
 
@@ -50,21 +51,6 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if missing:
         raise CheckpointError(f"{path} is not a clusiam checkpoint: it lacks {', '.join(missing)}")
     return state
-
-
-def rng_state() -> dict[str, Any]:
-    """The random states a resumed run must continue from (torch CPU and CUDA, Python)."""
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def load_pretrained(path: str | os.PathLike) -> tuple[PretrainModel, dict[str, Any]]:

@@ -80,9 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     optim.add_argument("--precision", default="bf16", choices=["bf16", "fp32"],
                        help="bf16 autocast on GPU (the CPU always runs fp32)")
+    optim.add_argument("--dist_timeout", default=30.0, type=float,
+                       help="under torchrun: minutes a process waits for the others in a collective before it fails "
+                            "(covers rank 0 checking images and computing statistics at the start)")
 
     data = parser.add_argument_group("data")
-    data.add_argument("--batch_size", default=512, type=int)
+    data.add_argument("--batch_size", default=512, type=int,
+                      help="global batch: under torchrun it is split evenly over the processes (lr scales with it)")
     data.add_argument("--num_worker", default=8, type=int, help="data loading processes (0 = in the main process)")
     data.add_argument("--image_size", default=224, type=int, help="side of each augmented view, in pixels")
     data.add_argument("--patch_mpp", default=None, type=float,
@@ -107,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     logging.add_argument("--save_path", default=None,
                          help="run folder for checkpoints, statistics and logs (default: runs/<model_type>)")
     logging.add_argument("--log_dst", default=None, help="folder for TensorBoard and the CSV log (default: SAVE_PATH/logs)")
-    logging.add_argument("--resume", default=None, metavar="CHECKPOINT", help="continue the run saved in this checkpoint")
+    logging.add_argument("--resume", default=None, metavar="CHECKPOINT",
+                         help="continue the run saved in this checkpoint (any number of processes); auto: "
+                              "SAVE_PATH/last.pth if it exists. A torchrun restart resumes from it by itself")
     return parser
 
 
@@ -162,6 +168,8 @@ def parse_config(argv: Sequence[str] | None = None) -> argparse.Namespace:
         raise ConfigError(str(error)) from None
     if (args.mean is None) != (args.std is None):
         raise ConfigError("--mean and --std go together: give both or neither")
+    if args.dist_timeout <= 0:
+        raise ConfigError(f"--dist_timeout must be positive minutes (got {args.dist_timeout})")
     for name in ("epochs", "batch_size", "image_size", "print_freq", "save_freq", "feat_size"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name} must be at least 1 (got {getattr(args, name)})")

@@ -1,6 +1,7 @@
 """The errors a user can fix, and how command-line entry points report them."""
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 
@@ -9,10 +10,12 @@ class UserError(Exception):
 
 
 def run_command(action: Callable[[], object]) -> int:
-    """Run a command's work; a :class:`UserError` becomes ``error: ...`` and exit status 2."""
+    """Run a command's work; a :class:`UserError` becomes ``error: ...`` and exit status 2
+    (``error (rank N): ...`` from the other processes of a torchrun job)."""
     try:
         action()
     except UserError as error:
-        print(f"error: {error}")
+        rank = int(os.environ.get("RANK", "0"))
+        print(f"error{f' (rank {rank})' if rank else ''}: {error}")
         return 2
     return 0

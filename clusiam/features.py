@@ -1,6 +1,9 @@
 """Batched encoding of patch files with a frozen encoder, shared by ``evaluate_knn.py`` and
 ``mil/``: uint8 batches from DataLoader workers, normalised on the device, bf16 autocast and
 channels_last on GPU, no_grad, a progress bar, and an optional on-disk cache.
+
+Under torchrun, :func:`cached_encode` splits the files over the processes: each encodes
+its share into a part file and rank 0 assembles them in the original order.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from clusiam.data import DataError, file_list_key, load_rgb, uint8_tensor
+from clusiam.distributed import barrier, is_main, main_computes, rank, shard, world_size
 from clusiam.models import PretrainModel
 
 FEATURE_TYPES = ("backbone", "projector")
@@ -72,7 +76,7 @@ def encode(encoder: nn.Module, files: Sequence[Path], mean: Sequence[float], std
            device: torch.device, batch_size: int = 256, num_workers: int = 4, resize: int | None = None,
            allocate: Callable[[tuple[int, int]], np.ndarray] | None = None, desc: str = "encoding") -> np.ndarray:
     """Features (N, D) float32 of ``files`` in order, in the array ``allocate((N, D))``
-    returns once the first batch tells D (a memory map, say)."""
+    returns once the first batch tells D (a memory map, say); (0, 0) for no files."""
     on_gpu = device.type == "cuda"
     memory_format = torch.channels_last if on_gpu else torch.preserve_format
     encoder = encoder.eval().to(device, memory_format=memory_format)
@@ -80,7 +84,7 @@ def encode(encoder: nn.Module, files: Sequence[Path], mean: Sequence[float], std
     std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
     loader = DataLoader(PatchTensors(files, resize), batch_size=batch_size, num_workers=num_workers, pin_memory=on_gpu)
     start, out = 0, None
-    for batch in tqdm(loader, desc=desc, unit="batch"):
+    for batch in tqdm(loader, desc=desc, unit="batch", disable=not is_main()):
         images = batch.to(device, non_blocking=True, memory_format=memory_format).float().div_(255)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
             features = encoder((images - mean_t) / std_t).float().cpu().numpy()
@@ -89,7 +93,20 @@ def encode(encoder: nn.Module, files: Sequence[Path], mean: Sequence[float], std
             out = allocate(shape) if allocate else np.empty(shape, dtype=np.float32)
         out[start : start + len(features)] = features
         start += len(features)
-    return out
+    return out if out is not None else np.empty((0, 0), dtype=np.float32)
+
+
+def write_features(path: Path, compute: Callable[[Callable[[tuple[int, int]], np.ndarray]], np.ndarray]) -> None:
+    """Write the (N, D) float32 features that ``compute(allocate)`` produces to ``path``
+    (.npy) through a memory map and a rename, so a crash never leaves a partial file."""
+    temporary = path.with_name(path.stem + ".tmp.npy")
+    out = compute(lambda shape: np.lib.format.open_memmap(temporary, mode="w+", dtype=np.float32, shape=shape))
+    if isinstance(out, np.memmap):
+        out.flush()
+    else:  # nothing was allocated (no files)
+        np.save(temporary, out)
+    del out
+    os.replace(temporary, path)
 
 
 def cached_encode(cache_dir: Path, identity: str, encoder: nn.Module, files: Sequence[Path],
@@ -101,13 +118,29 @@ def cached_encode(cache_dir: Path, identity: str, encoder: nn.Module, files: Seq
     key_text = "\n".join([f"v{CACHE_VERSION}", identity, file_list_key(files), repr(list(mean)), repr(list(std)),
                           repr(options.get("resize"))])
     path = Path(cache_dir) / f"{hashlib.sha256(key_text.encode()).hexdigest()[:32]}.npy"
-    if path.is_file():
+    if main_computes(path.is_file):  # every process takes the same branch
         return np.load(path, mmap_mode="r"), True
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.stem + ".tmp.npy")
-    out = encode(encoder, files, mean, std, device, **options,
-                 allocate=lambda shape: np.lib.format.open_memmap(temporary, mode="w+", dtype=np.float32, shape=shape))
-    out.flush()
-    del out
-    os.replace(temporary, path)
+    processes = world_size()
+    if processes == 1:
+        write_features(path, lambda allocate: encode(encoder, files, mean, std, device, **options, allocate=allocate))
+        return np.load(path, mmap_mode="r"), False
+    parts = [path.with_name(f"{path.stem}.part{r}of{processes}.npy") for r in range(processes)]
+    write_features(parts[rank()], lambda allocate: encode(encoder, shard(files), mean, std, device, **options,
+                                                          allocate=allocate))
+    barrier()
+    if is_main():  # part r holds files r, r + processes, ...: interleave them back
+        shards = [np.load(part, mmap_mode="r") for part in parts]
+        dim = max(features.shape[1] for features in shards)
+
+        def assemble(allocate: Callable[[tuple[int, int]], np.ndarray]) -> np.ndarray:
+            out = allocate((len(files), dim))
+            for r, features in enumerate(shards):
+                out[r::processes] = features
+            return out
+
+        write_features(path, assemble)
+        for part in parts:
+            part.unlink()
+    barrier()
     return np.load(path, mmap_mode="r"), False

@@ -18,11 +18,13 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from lightly.utils.dist import print_rank_zero
 from torch import nn
 
 from clusiam.checkpoint import load_pretrained
-from clusiam.config import ConfigError, resolve_device
+from clusiam.config import ConfigError
 from clusiam.data import DataError, LabelledPatches, file_digest, read_labelled_patches, split_overlap
+from clusiam.distributed import is_main, processes
 from clusiam.features import FEATURE_TYPES, PixelFeatures, cached_encode, feature_extractor
 from clusiam.knn import BACKENDS, choose_backend, l2_normalize, search, vote
 from clusiam.metrics import (
@@ -108,8 +110,15 @@ def split_summary(patches: LabelledPatches) -> dict:
             "classes": {c: patches.labels.count(c) for c in sorted(set(patches.labels))}}
 
 
-def evaluate(args: argparse.Namespace) -> dict:
-    """Run the evaluation and write the report folder; return the report."""
+def evaluate(args: argparse.Namespace) -> dict | None:
+    """Run the evaluation and write the report folder; return the report. Under torchrun
+    every process encodes its share of the patches and rank 0 alone searches and reports
+    (the others return None)."""
+    with processes(args.device) as device:
+        return evaluate_on(device, args)
+
+
+def evaluate_on(device: torch.device, args: argparse.Namespace) -> dict | None:
     out = Path(args.out)
     train, test = read_labelled_patches(args.train), read_labelled_patches(args.test)
     problems = split_overlap(train, test)
@@ -123,8 +132,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     if min(args.k) < 1:
         raise ConfigError(f"--k must be at least 1 (got {min(args.k)})")
     backend = choose_backend(args.backend)
-    device = resolve_device(args.device)
-    print(f"KNN on {backend}; features on {device}; {len(train.paths)} train / {len(test.paths)} test patches; "
+    print_rank_zero(f"KNN on {backend}; features on {device}; {len(train.paths)} train / {len(test.paths)} test patches; "
           f"classes {classes}, positive {positive}")
 
     encoders, reference = checkpoint_encoders(args.checkpoint, args.feature)
@@ -137,7 +145,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     cache_dir = Path(args.cache_dir) if args.cache_dir else out / "cache"
     options = {"batch_size": args.batch_size, "num_workers": args.num_workers, "resize": args.resize}
     rows = []
-    out.mkdir(parents=True, exist_ok=True)
+    if is_main():
+        out.mkdir(parents=True, exist_ok=True)
     for encoder in encoders:
         started = time.perf_counter()
         features, cached = {}, {}
@@ -146,6 +155,8 @@ def evaluate(args: argparse.Namespace) -> dict:
                 cache_dir, encoder.identity, encoder.module, patches.paths, encoder.mean, encoder.std, device,
                 desc=f"{encoder.name} {split}", **options)
         encode_seconds = time.perf_counter() - started
+        if not is_main():
+            continue
         started = time.perf_counter()
         similarities, indices = search(l2_normalize(features["train"]), l2_normalize(features["test"]), max(args.k), backend)
         search_seconds = time.perf_counter() - started
@@ -161,6 +172,8 @@ def evaluate(args: argparse.Namespace) -> dict:
                 plot_confusion_matrix(metrics["confusion_matrix"], classes, f"{encoder.name} ({encoder.feature}, k={k})",
                                       folder / "confusion_matrix.png")
                 write_per_slide_accuracy(folder / "per_slide.csv", test.slides, test.labels, predicted, positive)
+    if not is_main():
+        return None
     report = {
         "train": {"source": str(args.train), **summaries["train"]},
         "test": {"source": str(args.test), **summaries["test"]},

@@ -26,7 +26,8 @@ def byol_invariance(p1: Tensor, p2: Tensor, t1: Tensor, t2: Tensor, eps: float =
     return 2.0 + simsiam_invariance(p1, p2, t1, t2, eps)
 
 
-def cluster_similarity(representations: Tensor, logits: Tensor, tau: float = 1.0, eps: float = 1e-8) -> Tensor:
+def cluster_similarity(representations: Tensor, logits: Tensor, tau: float = 1.0, eps: float = 1e-8,
+                       generator: torch.Generator | None = None) -> Tensor:
     """CluSiam's cluster loss: the mean cosine similarity between the centres of the
     clusters used in the batch (lower = centres pushed further apart).
 
@@ -36,12 +37,17 @@ def cluster_similarity(representations: Tensor, logits: Tensor, tau: float = 1.0
         logits: (N, K) cluster assigner logits A; gradients flow through the assignment.
         tau: Gumbel-softmax temperature.
         eps: normalisation epsilon.
+        generator: where the Gumbel noise comes from. The default, torch's global RNG,
+            draws exactly what ``F.gumbel_softmax`` draws; a generator seeded alike on
+            every rank gives every rank the same noise for the gathered batch.
 
     Returns 1 when fewer than two clusters are used.
     """
     rows = F.normalize(representations, dim=1, eps=eps)
-    # One call, so that with the same seed this reproduces the authors' noise exactly.
-    soft = F.gumbel_softmax(logits, tau=tau, hard=False)
+    # F.gumbel_softmax's sampling, written out because it takes no generator: with the
+    # same seed this reproduces the authors' noise exactly.
+    gumbels = -torch.empty_like(logits).exponential_(generator=generator).log()
+    soft = ((logits + gumbels) / tau).softmax(dim=1)
     one_hot = torch.zeros_like(soft).scatter_(1, soft.argmax(dim=1, keepdim=True), 1.0)
     hard = one_hot - soft.detach() + soft  # straight-through: hard forward, soft gradient
     counts = hard.sum(dim=0)

@@ -22,6 +22,7 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
 )
 
+from clusiam.distributed import is_main
 from clusiam.errors import run_command
 
 
@@ -97,6 +98,6 @@ def save_report(out: Path, report: dict, markdown: Sequence[str]) -> None:
 def report_command(evaluate: Callable[[argparse.Namespace], object], args: argparse.Namespace) -> int:
     """Run an evaluation command; on success show the report it wrote to ``args.out``."""
     status = run_command(lambda: evaluate(args))
-    if status == 0:
+    if status == 0 and is_main():  # under torchrun, rank 0 wrote the report
         print((Path(args.out) / "report.md").read_text())
     return status

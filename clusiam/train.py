@@ -6,32 +6,42 @@ batch on the training device -> model -> loss (or, with ``--augment pil``, the p
 PIL views made in the workers).
 The step never reads a value back to the host; logged scalars are read every
 ``--print_freq`` steps, which is also where a non-finite loss is caught.
+
+Under torchrun (see :mod:`clusiam.distributed`) the same loop runs once per process:
+``--batch_size`` is the global batch, split evenly over the processes; the model is
+wrapped in DistributedDataParallel with SyncBatchNorm (on GPUs); the cluster loss sees the
+gathered global batch; only rank 0 writes files or prints.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import math
-import random
+import os
 import time
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
+from lightly.utils.dist import print_rank_zero
 from lightly.utils.scheduler import cosine_schedule
-from torch.utils.data import DataLoader
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from clusiam.augment import BatchViews, TwoViews, ViewRecipe, paper_augmentation
-from clusiam.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
-from clusiam.config import ConfigError, parse_config, resolve_device
+from clusiam.checkpoint import load_checkpoint, save_checkpoint
+from clusiam.config import ConfigError, parse_config
 from clusiam.data import DataError, PatchDataset, cached_channel_statistics, check_images, find_images, uint8_tensor
 from clusiam.demo import prepare_demo
+from clusiam.distributed import (barrier, check_replicas_agree, earliest_step, gather_views, is_main, main_computes,
+                                 processes, rank, sum_over_ranks, world_size)
 from clusiam.errors import UserError, run_command
 from clusiam.losses import byol_invariance, cluster_similarity, simsiam_invariance
-from clusiam.models import PretrainModel, PretrainOutput
+from clusiam.models import Method, PretrainModel, PretrainOutput
 from clusiam.monitor import CLUSTER_DIAGNOSTICS, cluster_diagnostics, collapse_warnings, projection_std
 
 # Options that define the network: a checkpoint can only resume a run that agrees on them.
@@ -67,30 +77,37 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, init_lr: float, epoch: i
     return lr
 
 
-def compute_losses(model: PretrainModel, output: PretrainOutput, alpha: float, tau: float,
-                   eps: float) -> dict[str, torch.Tensor]:
-    """Invariance loss, cluster loss (clustered methods) and their weighted sum, in fp32."""
+def compute_losses(method: Method, output: PretrainOutput, alpha: float, tau: float, eps: float,
+                   generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """Invariance loss, cluster loss (clustered methods) and their weighted sum, in fp32.
+
+    The invariance loss is this process's batch mean (DDP averages its gradients over the
+    processes). The cluster loss is computed on the global batch, gathered from every
+    process, with Gumbel noise from ``generator`` (seeded alike on every process)."""
     p1, p2 = (p.float() for p in output.predictions)
     t1, t2 = (t.float() for t in output.targets)
-    invariance_fn = byol_invariance if model.method.momentum_target else simsiam_invariance
+    invariance_fn = byol_invariance if method.momentum_target else simsiam_invariance
     losses = {"invariance": invariance_fn(p1, p2, t1, t2, eps)}
     if output.cluster_logits is None:
         losses["loss"] = losses["invariance"]
         return losses
     losses["cluster"] = cluster_similarity(
-        torch.cat(output.projections).float(), torch.cat(output.cluster_logits).float(), tau, eps
+        gather_views([z.float() for z in output.projections]), gather_views([a.float() for a in output.cluster_logits]),
+        tau, eps, generator,
     )
     losses["loss"] = (1 - alpha) * losses["invariance"] + alpha * losses["cluster"]
     return losses
 
 
-def training_step(model: PretrainModel, optimizer: torch.optim.Optimizer, x1: torch.Tensor, x2: torch.Tensor,
-                  args: argparse.Namespace, autocast: bool, target_momentum: float | None = None
-                  ) -> tuple[PretrainOutput, dict[str, torch.Tensor]]:
-    """One optimisation step on a pair of views; nothing is read back to the host."""
+def training_step(network: nn.Module, optimizer: torch.optim.Optimizer, x1: torch.Tensor, x2: torch.Tensor,
+                  args: argparse.Namespace, autocast: bool, target_momentum: float | None = None,
+                  generator: torch.Generator | None = None) -> tuple[PretrainOutput, dict[str, torch.Tensor]]:
+    """One optimisation step on a pair of views; nothing is read back to the host.
+    ``network`` is a :class:`PretrainModel` or its DistributedDataParallel wrapper."""
+    model = network.module if isinstance(network, DistributedDataParallel) else network
     with torch.autocast(x1.device.type, dtype=torch.bfloat16, enabled=autocast):
-        output = model(x1, x2)
-    losses = compute_losses(model, output, args.alpha, args.tau, args.eps)
+        output = network(x1, x2)
+    losses = compute_losses(model.method, output, args.alpha, args.tau, args.eps, generator)
     optimizer.zero_grad(set_to_none=True)
     losses["loss"].backward()
     optimizer.step()
@@ -100,20 +117,36 @@ def training_step(model: PretrainModel, optimizer: torch.optim.Optimizer, x1: to
 
 
 def prepare_files(args: argparse.Namespace, save_path: Path) -> list[Path]:
-    """The checked list of training images (the demo set when no DATA_DIR is given)."""
+    """The checked list of training images (the demo set when no DATA_DIR is given).
+    Rank 0 writes the demo set and checks the images; every rank gets its verdict."""
     data_dir = args.data_dir
     if data_dir is None:
-        data_dir = prepare_demo(save_path / "demo_data")
-        print(f"no DATA_DIR given: training on the built-in demo set in {data_dir}")
+        data_dir = main_computes(lambda: prepare_demo(save_path / "demo_data"))
+        print_rank_zero(f"no DATA_DIR given: training on the built-in demo set in {data_dir}")
     files = find_images(data_dir)
-    return check_images(files, args.image_size, args.skip_bad_files, save_path / "skipped_files.txt",
-                        same_size=args.augment == "batched")
+
+    def usable() -> list[bool]:
+        good = set(check_images(files, args.image_size, args.skip_bad_files, save_path / "skipped_files.txt",
+                                same_size=args.augment == "batched"))
+        return [path in good for path in files]
+
+    return [path for path, keep in zip(files, main_computes(usable)) if keep]
 
 
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """Shuffling and worker seeds depend only on (seed, epoch), so a resumed epoch sees the
-    same batches as an uninterrupted one."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
+def seed_from(*keys: int) -> int:
+    """A seed that depends only on ``keys``. Every epoch reseeds from (seed, epoch, rank),
+    so a resumed epoch draws what an uninterrupted one would, for any number of processes."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
+
+
+def resume_path(args: argparse.Namespace, save_path: Path) -> Path | None:
+    """The checkpoint to resume: ``--resume PATH``; with ``--resume auto``, or when torchrun
+    restarts the job after a failure (``--max_restarts``), SAVE_PATH/last.pth if it exists."""
+    last = save_path / "last.pth"
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    if args.resume == "auto" or (restarted and last.is_file()):
+        return last if last.is_file() else None
+    return Path(args.resume) if args.resume else None
 
 
 class EpochLog:
@@ -138,7 +171,7 @@ class EpochLog:
         self.first_bad_step = torch.where(bad, torch.full_like(self.first_bad_step, step), self.first_bad_step)
 
     def stop_if_nonfinite(self, epoch: int, last: Path) -> None:
-        bad_step = int(self.first_bad_step)
+        bad_step = int(earliest_step(self.first_bad_step))  # every rank stops at the same step
         if bad_step >= 0:
             kept = f"the last good checkpoint {last} is untouched" if last.is_file() else "no checkpoint was written"
             raise NonFiniteLossError(
@@ -152,9 +185,10 @@ class EpochLog:
         self.diagnostic_count += 1
 
     def averages(self) -> dict[str, float]:
-        """Mean losses over the epoch's steps and mean diagnostics over its logged steps
-        (NaN when --print_freq exceeds the epoch, so every CSV row has the same columns)."""
-        losses = (self.loss_sums / self.steps).tolist() if self.steps else []
+        """Mean losses over the epoch's steps and all processes, and mean diagnostics over its
+        logged steps (NaN when --print_freq exceeds the epoch, so every CSV row has the same
+        columns)."""
+        losses = (sum_over_ranks(self.loss_sums) / (self.steps * world_size())).tolist() if self.steps else []
         result = dict(zip(self.loss_names, losses))
         count = self.diagnostic_count or math.nan
         result.update({k: v / count for k, v in self.diagnostic_sums.items()})
@@ -170,27 +204,37 @@ class EpochLog:
 
 
 def step_diagnostics(output: PretrainOutput) -> dict[str, float]:
-    """Collapse signals of one step (this reads values back to the host: logged steps only)."""
-    diagnostics = {"projection_std": projection_std(torch.cat(output.projections))}
+    """Collapse signals of one step over the global batch (this reads values back to the
+    host: logged steps only)."""
+    diagnostics = {"projection_std": projection_std(gather_views(output.projections))}
     if output.cluster_logits is not None:
-        diagnostics.update(cluster_diagnostics(torch.cat(output.cluster_logits)))
+        diagnostics.update(cluster_diagnostics(gather_views([a.detach() for a in output.cluster_logits])))
     return {name: float(value) for name, value in diagnostics.items()}
 
 
 def train(args: argparse.Namespace) -> Path:
     """Run (or resume) pretraining as configured; return the path of the last checkpoint."""
+    with processes(args.device, args.dist_timeout) as device:
+        return train_on(device, args)
+
+
+def train_on(device: torch.device, args: argparse.Namespace) -> Path:
     save_path, log_dst = Path(args.save_path), Path(args.log_dst)
-    save_path.mkdir(parents=True, exist_ok=True)
-    log_dst.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(args.device)
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    checkpoint = load_checkpoint(args.resume) if args.resume else None
+    if is_main():
+        save_path.mkdir(parents=True, exist_ok=True)
+        log_dst.mkdir(parents=True, exist_ok=True)
+    processes_count = world_size()
+    if args.batch_size % processes_count:
+        raise ConfigError(f"--batch_size {args.batch_size} is the global batch and must split evenly over the "
+                          f"{processes_count} processes: pass a multiple of {processes_count}")
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    resume = resume_path(args, save_path)
+    checkpoint = load_checkpoint(resume) if resume else None
     if checkpoint is not None:
         for option in ARCHITECTURE_OPTIONS:
             if checkpoint["config"][option] != getattr(args, option):
                 raise ConfigError(
-                    f"--resume {args.resume} was trained with --{option} {checkpoint['config'][option]}, "
+                    f"--resume {resume} was trained with --{option} {checkpoint['config'][option]}, "
                     f"not {getattr(args, option)}: pass the same value"
                 )
 
@@ -200,7 +244,7 @@ def train(args: argparse.Namespace) -> Path:
     elif args.mean is not None:
         mean, std = args.mean, args.std
     else:
-        mean, std = cached_channel_statistics(files, save_path / "normalization.json", args.num_worker)
+        mean, std = main_computes(lambda: cached_channel_statistics(files, save_path / "normalization.json", args.num_worker))
     steps_per_epoch = len(files) // args.batch_size
     if steps_per_epoch == 0:
         raise DataError(f"only {len(files)} usable images for --batch_size {args.batch_size}: lower --batch_size")
@@ -211,6 +255,8 @@ def train(args: argparse.Namespace) -> Path:
     autocast = on_gpu and args.precision == "bf16"
     torch.backends.cudnn.benchmark = on_gpu
     model = PretrainModel(args.model_type, args.backbone, args.feat_size, args.num_clusters)
+    if processes_count > 1 and on_gpu:  # BatchNorm statistics over the global batch, as the authors ran it
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device, memory_format=memory_format)
     method = model.method
     init_lr = args.lr * args.batch_size / 256
@@ -220,8 +266,10 @@ def train(args: argparse.Namespace) -> Path:
         model.load_state_dict(checkpoint["state_dict"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         start_epoch, step = checkpoint["epoch"], checkpoint["step"]
-        restore_rng_state(checkpoint["rng"])
-        print(f"resumed {args.resume} at epoch {start_epoch}, step {step}")
+        print_rank_zero(f"resumed {resume} at epoch {start_epoch}, step {step}")
+    network = model
+    if processes_count > 1:
+        network = DistributedDataParallel(model, device_ids=[device] if on_gpu else None)
 
     if args.augment == "batched":  # workers decode; views are made on the device
         dataset = PatchDataset(files, uint8_tensor)
@@ -229,24 +277,37 @@ def train(args: argparse.Namespace) -> Path:
         batch_views = BatchViews(args.image_size, mean, std, recipe)
     else:  # the paper's pipeline: workers decode and augment with PIL
         dataset = PatchDataset(files, TwoViews(paper_augmentation(args.image_size, mean, std)))
+    # The global batch of step k is the same images for any number of processes; each
+    # process takes every world_size-th of them.
+    sampler = DistributedSampler(dataset, num_replicas=processes_count, rank=rank(), shuffle=True, seed=args.seed,
+                                 drop_last=True)
     total_steps = steps_per_epoch * args.epochs
     diagnostic_names = ["projection_std", *(CLUSTER_DIAGNOSTICS if method.clustered else ())]
-    writer = SummaryWriter(str(log_dst))
-    print(
-        f"{args.model_type} ({args.backbone}) on {device}: {len(files)} images, {steps_per_epoch} steps/epoch, "
-        f"lr {init_lr:g}, alpha {args.alpha}, mean {[round(m, 4) for m in mean]}, std {[round(s, 4) for s in std]}"
+    writer = SummaryWriter(str(log_dst)) if is_main() else None
+    placement = f"{device}" if processes_count == 1 else (
+        f"{processes_count} processes ({device.type}), {args.batch_size // processes_count} images each")
+    print_rank_zero(
+        f"{args.model_type} ({args.backbone}) on {placement}: {len(files)} images, {steps_per_epoch} steps/epoch "
+        f"of {args.batch_size}, lr {init_lr:g}, alpha {args.alpha}, mean {[round(m, 4) for m in mean]}, "
+        f"std {[round(s, 4) for s in std]}"
     )
+    if processes_count > 1 and not on_gpu:
+        print_rank_zero("note: SyncBatchNorm needs GPUs; on CPU processes BatchNorm statistics are per process")
     last = save_path / "last.pth"
     for epoch in range(start_epoch, args.epochs):
         lr = set_learning_rate(optimizer, init_lr, epoch, args.epochs)
+        torch.manual_seed(seed_from(args.seed, epoch, rank()))  # view parameters: this rank's own draws
+        gumbel = torch.Generator(device).manual_seed(seed_from(args.seed, epoch))  # Gumbel noise: alike on every rank
+        sampler.set_epoch(epoch)
         loader = DataLoader(
-            dataset, batch_size=args.batch_size, shuffle=True, drop_last=True, num_workers=args.num_worker,
-            pin_memory=on_gpu, generator=epoch_generator(args.seed, epoch),
+            dataset, batch_size=args.batch_size // processes_count, sampler=sampler, drop_last=True,
+            num_workers=args.num_worker, pin_memory=on_gpu,
+            generator=torch.Generator().manual_seed(seed_from(args.seed, epoch, rank())),  # worker seeds
         )
         log = EpochLog(log_dst / "epochs.csv", diagnostic_names, device)
-        model.train()
+        network.train()
         started = time.time()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch")
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch", disable=not is_main())
         for batch in bar:
             views = batch_views(batch.to(device, non_blocking=True)) if args.augment == "batched" else batch
             x1, x2 = (view.to(device, non_blocking=True, memory_format=memory_format) for view in views)
@@ -254,35 +315,42 @@ def train(args: argparse.Namespace) -> Path:
             if method.momentum_target:
                 momentum = (cosine_schedule(step, total_steps, args.target_momentum, 1.0)
                             if args.cosine_target_momentum else args.target_momentum)
-            output, losses = training_step(model, optimizer, x1, x2, args, autocast, momentum)
+            output, losses = training_step(network, optimizer, x1, x2, args, autocast, momentum, gumbel)
             log.add_losses(losses, step)
             step += 1
             if step % args.print_freq == 0:  # the only place the step's values reach the host
                 log.stop_if_nonfinite(epoch, last)
-                values = dict(zip(losses, torch.stack([v.detach() for v in losses.values()]).tolist()))
+                mean_losses = sum_over_ranks(torch.stack([v.detach() for v in losses.values()])) / processes_count
+                values = dict(zip(losses, mean_losses.tolist()))
                 diagnostics = step_diagnostics(output)
                 log.add_diagnostics(diagnostics)
-                for name, value in {**values, **diagnostics, "lr": lr}.items():
-                    writer.add_scalar(f"train/{name}", value, step)
+                if writer is not None:
+                    for name, value in {**values, **diagnostics, "lr": lr}.items():
+                        writer.add_scalar(f"train/{name}", value, step)
                 bar.set_postfix({name: f"{value:.4f}" for name, value in values.items()})
         log.stop_if_nonfinite(epoch, last)
         seconds = time.time() - started
         averages = log.averages()
+        check_replicas_agree(model)
+        if not is_main():
+            continue
         log.write_row({"epoch": epoch + 1, "step": step, "lr": lr, **averages, "seconds": round(seconds, 2),
                        "images_per_s": round(log.steps * args.batch_size / max(seconds, 1e-9), 1)})
         writer.flush()
         for warning in collapse_warnings(averages, args.num_clusters if method.clustered else None):
             print(f"warning (epoch {epoch + 1}): {warning}")
-
         state = {
             "epoch": epoch + 1, "step": step, "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "rng": rng_state(), "config": vars(args), "normalization": {"mean": list(mean), "std": list(std)},
+            "config": {**vars(args), "world_size": processes_count},
+            "normalization": {"mean": list(mean), "std": list(std)},
         }
         if (epoch + 1) % args.save_freq == 0:
             save_checkpoint(state, save_path / f"checkpoint_{epoch + 1:04d}.pth")
         save_checkpoint(state, last)
-    writer.close()
-    print(f"done: {last}")
+    if writer is not None:
+        writer.close()
+    barrier()  # the last checkpoint exists before any process returns its path
+    print_rank_zero(f"done: {last}")
     return last
 
 

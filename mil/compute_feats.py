@@ -7,6 +7,9 @@ A slide is a folder holding patch images (``PATCH_ROOT/<class>/<slide>/`` or
 ``paths`` (N,) relative to PATCH_ROOT, ``coords`` (N, 2) when every patch is named
 ``<x>_<y>.<ext>`` (the tiler's names), and attributes naming the checkpoint and feature
 type. Finished slides are skipped on a rerun with the same checkpoint and feature type.
+
+Under torchrun (``torchrun --nproc_per_node 8 -m mil.compute_feats ...``) each process
+encodes its share of the slides.
 """
 from __future__ import annotations
 
@@ -19,11 +22,12 @@ from typing import Sequence
 
 import h5py
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from clusiam.checkpoint import load_pretrained
-from clusiam.config import resolve_device
 from clusiam.data import DataError, file_digest, find_images, read_table
+from clusiam.distributed import barrier, is_main, main_computes, processes, shard
 from clusiam.errors import run_command
 from clusiam.features import FEATURE_TYPES, encode, feature_extractor
 
@@ -92,6 +96,11 @@ def write_bag(path: Path, features: np.ndarray, files: Sequence[Path], root: Pat
 
 def compute(args: argparse.Namespace) -> dict[str, int]:
     """Write every missing bag; return how many slides were encoded, skipped and missing."""
+    with processes(args.device) as device:
+        return compute_on(device, args)
+
+
+def compute_on(device: torch.device, args: argparse.Namespace) -> dict[str, int]:
     root, out = Path(args.patches), Path(args.out)
     model, state = load_pretrained(args.checkpoint)
     encoder = feature_extractor(model, args.feature)
@@ -101,14 +110,17 @@ def compute(args: argparse.Namespace) -> dict[str, int]:
     slides = slide_patches(root)
     missing = sorted(set(read_table(args.labels, ("slide", "label"))) - set(slides)) if args.labels else []
     out.mkdir(parents=True, exist_ok=True)
-    pending = {s: files for s, files in slides.items() if not is_done(out / f"{s}.h5", digest, args.feature)}
-    device = resolve_device(args.device)
+    # Rank 0 decides what is left, so that no process sees a bag another has just written.
+    pending = main_computes(lambda: [s for s in slides if not is_done(out / f"{s}.h5", digest, args.feature)])
     mean, std = state["normalization"]["mean"], state["normalization"]["std"]
-    for slide, files in tqdm(pending.items(), desc="slides", unit="slide"):
-        features = encode(encoder, files, mean, std, device, batch_size=args.batch_size, num_workers=args.num_workers,
-                          resize=args.resize, desc=slide)
-        write_bag(out / f"{slide}.h5", features, files, root, attributes)
+    for slide in tqdm(shard(pending), desc="slides", unit="slide", disable=not is_main()):
+        features = encode(encoder, slides[slide], mean, std, device, batch_size=args.batch_size,
+                          num_workers=args.num_workers, resize=args.resize, desc=slide)
+        write_bag(out / f"{slide}.h5", features, slides[slide], root, attributes)
+    barrier()
     summary = {"encoded": len(pending), "already_done": len(slides) - len(pending), "without_patches": len(missing)}
+    if not is_main():
+        return summary
     print(f"{summary['encoded']} slides encoded, {summary['already_done']} already done, into {out}")
     if missing:
         listing = out / "slides_without_patches.txt"

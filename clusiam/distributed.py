@@ -1,0 +1,135 @@
+"""Running as one of several processes started by ``torchrun`` (one per GPU, any number of
+nodes), and the few collective operations the rest of clusiam needs.
+
+Without torchrun every helper here is the identity and nothing is initialised, so the
+single-process path is the plain one. Under torchrun, ``WORLD_SIZE``, ``RANK`` and
+``LOCAL_RANK`` come from the environment; GPUs talk over NCCL, CPUs over gloo (which is
+what the CPU tests use).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from datetime import timedelta
+from typing import Callable, Iterator, Sequence, TypeVar
+
+import torch
+import torch.distributed as dist
+from lightly.utils.dist import gather
+from torch import Tensor, nn
+
+from clusiam.config import ConfigError, resolve_device
+
+T = TypeVar("T")
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def rank() -> int:
+    """This process's rank (torchrun's RANK also before and after the process group)."""
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+
+
+def is_main() -> bool:
+    """The process that writes files and prints: rank 0, or the only process."""
+    return rank() == 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+@contextlib.contextmanager
+def processes(device_option: str, timeout_minutes: float = 30.0) -> Iterator[torch.device]:
+    """Join the torchrun job (if any) for the duration of the block; yield this process's
+    device. ``--device auto`` or ``cuda`` under torchrun means the GPU numbered LOCAL_RANK.
+
+    ``timeout_minutes`` bounds every collective: a rank left waiting for a peer that hangs
+    raises instead of waiting forever (torchrun itself ends the job when a peer dies).
+    """
+    if not launched_by_torchrun():
+        yield resolve_device(device_option)
+        return
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if device_option.startswith("cuda:"):
+        raise ConfigError(f"--device {device_option}: under torchrun each process uses the GPU numbered by its "
+                          "LOCAL_RANK; pass --device auto (or cuda), and choose GPUs with CUDA_VISIBLE_DEVICES")
+    device = resolve_device(device_option)
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPU(s) are visible: "
+                              "pass torchrun a --nproc_per_node no larger than the number of GPUs")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=timeout_minutes))
+    try:
+        yield device
+    finally:
+        dist.destroy_process_group()
+
+
+def main_computes(compute: Callable[[], T]) -> T:
+    """Run ``compute`` on rank 0 only (work that writes files or is costly: the demo set,
+    the image check, the statistics) and hand its picklable result to every rank."""
+    if world_size() == 1:
+        return compute()
+    result = [compute() if is_main() else None]
+    dist.broadcast_object_list(result, src=0)
+    return result[0]
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def gather_views(views: Sequence[Tensor]) -> Tensor:
+    """The rows of every rank, view by view: [view 1 of rank 0, view 1 of rank 1, ...,
+    view 2 of rank 0, ...], which is the single-process ``torch.cat(views)`` of the global
+    batch. Gradients flow back to each rank's own rows (lightly's GatherLayer sums them
+    over ranks; every rank computes the same loss and DDP averages, so they come out once)."""
+    if world_size() == 1:
+        return torch.cat(list(views))
+    return torch.cat([row for view in views for row in gather(view.contiguous())])
+
+
+def sum_over_ranks(tensor: Tensor) -> Tensor:
+    """The element-wise sum of ``tensor`` over all ranks (a copy; no gradient)."""
+    total = tensor.detach().clone()
+    if world_size() > 1:
+        dist.all_reduce(total)
+    return total
+
+
+def earliest_step(step: Tensor) -> Tensor:
+    """The smallest non-negative value of a step counter over all ranks (-1 when every
+    rank holds -1), so that every rank stops at the same logged step."""
+    if world_size() == 1:
+        return step
+    never = torch.iinfo(torch.long).max
+    earliest = torch.where(step < 0, torch.full_like(step, never), step)
+    dist.all_reduce(earliest, op=dist.ReduceOp.MIN)
+    return torch.where(earliest == never, torch.full_like(earliest, -1), earliest)
+
+
+def check_replicas_agree(module: nn.Module) -> None:
+    """Raise unless every rank holds exactly rank 0's parameters (online and target
+    networks): DDP and the momentum update must keep the replicas bit-identical."""
+    if world_size() == 1:
+        return
+    local = torch.stack([p.detach().double().sum() for p in module.parameters()])
+    reference = local.clone()
+    dist.broadcast(reference, src=0)
+    differs = (local != reference).any().to(torch.int32)
+    dist.all_reduce(differs, op=dist.ReduceOp.MAX)
+    if differs:
+        names = [n for (n, _), a, b in zip(module.named_parameters(), local, reference) if a != b]
+        detail = f" (rank {rank()} differs in {', '.join(names[:3])})" if names else ""
+        raise RuntimeError(f"the model replicas diverged across ranks{detail}: this is a bug, please report it")
+
+
+def shard(items: Sequence[T]) -> list[T]:
+    """This rank's share of ``items``: every world_size-th item from position rank."""
+    return list(items[rank()::world_size()])
