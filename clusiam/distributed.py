@@ -64,6 +64,12 @@ def processes(device_option: str, timeout_minutes: float = 30.0) -> Iterator[tor
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=timeout_minutes))
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    if restarts and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and is_main():
+        # pytorch/pytorch#135712: through the store torchrun shares with its processes, a
+        # restarted group can read the dead processes' addresses and fail to connect.
+        print(f"warning: --max_restarts {restarts} with torchrun's shared store: restarts may fail to reconnect; "
+              "launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (see README, multi-GPU)")
     try:
         yield device
     finally:

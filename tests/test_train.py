@@ -80,6 +80,14 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_demo, tmp_pa
     assert load_checkpoint(resumed)["epoch"] == 2 and load_checkpoint(resumed)["step"] == 8
 
 
+def test_resume_auto_starts_fresh_then_continues_from_last_pth(tiny_demo, tmp_path, capsys):
+    fresh = train(parse_config(tiny_run_args(tiny_demo, tmp_path, "--epochs", "1", "--resume", "auto")))
+    assert "resumed" not in capsys.readouterr().out and load_checkpoint(fresh)["epoch"] == 1
+    continued = train(parse_config(tiny_run_args(tiny_demo, tmp_path, "--epochs", "2", "--resume", "auto")))
+    assert f"resumed {tmp_path / 'last.pth'} at epoch 1, step 4" in capsys.readouterr().out
+    assert (load_checkpoint(continued)["epoch"], load_checkpoint(continued)["step"]) == (2, 8)
+
+
 def test_resume_refuses_a_different_architecture(tiny_demo, tmp_path):
     first = train(parse_config(tiny_run_args(tiny_demo, tmp_path / "run", "--epochs", "1")))
     with pytest.raises(ConfigError, match="--num_clusters 8, not 9"):
