@@ -63,7 +63,9 @@ def processes(device_option: str, timeout_minutes: float = 30.0) -> Iterator[tor
                               "pass torchrun a --nproc_per_node no larger than the number of GPUs")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=timeout_minutes))
+    on_gpu = device.type == "cuda"
+    dist.init_process_group("nccl" if on_gpu else "gloo", timeout=timedelta(minutes=timeout_minutes),
+                            device_id=device if on_gpu else None)
     restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
     if restarts and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and is_main():
         # pytorch/pytorch#135712: through the store torchrun shares with its processes, a
