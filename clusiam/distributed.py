@@ -57,13 +57,13 @@ def processes(device_option: str, timeout_minutes: float = 30.0) -> Iterator[tor
         raise ConfigError(f"--device {device_option}: under torchrun each process uses the GPU numbered by its "
                           "LOCAL_RANK; pass --device auto (or cuda), and choose GPUs with CUDA_VISIBLE_DEVICES")
     device = resolve_device(device_option)
-    if device.type == "cuda":
+    on_gpu = device.type == "cuda"
+    if on_gpu:
         if local_rank >= torch.cuda.device_count():
             raise ConfigError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPU(s) are visible: "
                               "pass torchrun a --nproc_per_node no larger than the number of GPUs")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    on_gpu = device.type == "cuda"
     dist.init_process_group("nccl" if on_gpu else "gloo", timeout=timedelta(minutes=timeout_minutes),
                             device_id=device if on_gpu else None)
     restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
