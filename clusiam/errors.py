@@ -16,6 +16,6 @@ def run_command(action: Callable[[], object]) -> int:
         action()
     except UserError as error:
         rank = int(os.environ.get("RANK", "0"))
-        print(f"error{f' (rank {rank})' if rank else ''}: {error}")
+        print(f"error{f' (rank {rank})' if rank else ''}: {error}", flush=True)  # one write: lines of ranks do not mix
         return 2
     return 0

@@ -11,10 +11,11 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from clusiam.config import ConfigError, parse_config
 from clusiam.distributed import check_replicas_agree, earliest_step, gather_views, main_computes, rank, sum_over_ranks
 from clusiam.losses import cluster_similarity
 from clusiam.models import PretrainModel
-from clusiam.train import build_optimizer, training_step
+from clusiam.train import build_optimizer, train, training_step
 
 WORLD = 2
 BATCH = 8  # global batch of the equivalence test
@@ -84,6 +85,10 @@ def collectives_worker(out: str) -> None:
         report["diverged"] = None
     except RuntimeError as error:
         report["diverged"] = str(error)
+    try:
+        train(parse_config(["--batch_size", "15", "--device", "cpu", "--save_path", str(Path(out).parent / "odd")]))
+    except ConfigError as error:
+        report["odd_batch"] = str(error)
     results = [None] * WORLD
     dist.all_gather_object(results, report)
     if me == 0:

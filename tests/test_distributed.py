@@ -69,6 +69,7 @@ def test_collectives_agree_on_every_rank(tmp_path):
         assert report["gathered"] == [10.0, 11.0, 20.0, 21.0]  # view 1 of ranks 0, 1, then view 2
         assert report["earliest"] == 5 and report["earliest_none"] == -1
         assert "replicas diverged" in report["diverged"]  # every rank raises, not only the odd one out
+        assert "--batch_size 15 is the global batch and must split evenly over the 2 processes" in report["odd_batch"]
     assert "rank 1 differs in bias" in torch.load(tmp_path / "out.pt", weights_only=True)[1]["diverged"]
 
 
