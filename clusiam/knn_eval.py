@@ -132,8 +132,8 @@ def evaluate_on(device: torch.device, args: argparse.Namespace) -> dict | None:
     if min(args.k) < 1:
         raise ConfigError(f"--k must be at least 1 (got {min(args.k)})")
     backend = choose_backend(args.backend)
-    print_rank_zero(f"KNN on {backend}; features on {device}; {len(train.paths)} train / {len(test.paths)} test patches; "
-          f"classes {classes}, positive {positive}")
+    print_rank_zero(f"KNN on {backend}; features on {device}; {len(train.paths)} train / {len(test.paths)} test "
+                    f"patches; classes {classes}, positive {positive}")
 
     encoders, reference = checkpoint_encoders(args.checkpoint, args.feature)
     if args.baselines:

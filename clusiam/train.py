@@ -212,6 +212,26 @@ def step_diagnostics(output: PretrainOutput) -> dict[str, float]:
     return {name: float(value) for name, value in diagnostics.items()}
 
 
+def load_resumable(path: Path, args: argparse.Namespace) -> dict:
+    """The checkpoint to resume from, refused unless it has this run's architecture."""
+    checkpoint = load_checkpoint(path)
+    for option in ARCHITECTURE_OPTIONS:
+        if checkpoint["config"][option] != getattr(args, option):
+            raise ConfigError(f"--resume {path} was trained with --{option} {checkpoint['config'][option]}, "
+                              f"not {getattr(args, option)}: pass the same value")
+    return checkpoint
+
+
+def build_model(args: argparse.Namespace, device: torch.device, memory_format: torch.memory_format) -> PretrainModel:
+    """The network, seeded alike on every process, with SyncBatchNorm when several GPU
+    processes train it (BatchNorm statistics over the global batch, as the authors ran it)."""
+    torch.manual_seed(args.seed)
+    model = PretrainModel(args.model_type, args.backbone, args.feat_size, args.num_clusters)
+    if world_size() > 1 and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model.to(device, memory_format=memory_format)
+
+
 def train(args: argparse.Namespace) -> Path:
     """Run (or resume) pretraining as configured; return the path of the last checkpoint."""
     with processes(args.device, args.dist_timeout) as device:
@@ -227,17 +247,8 @@ def train_on(device: torch.device, args: argparse.Namespace) -> Path:
     if args.batch_size % processes_count:
         raise ConfigError(f"--batch_size {args.batch_size} is the global batch and must split evenly over the "
                           f"{processes_count} processes: pass a multiple of {processes_count}")
-    torch.manual_seed(args.seed)  # the same initial weights on every rank
     resume = resume_path(args, save_path)
-    checkpoint = load_checkpoint(resume) if resume else None
-    if checkpoint is not None:
-        for option in ARCHITECTURE_OPTIONS:
-            if checkpoint["config"][option] != getattr(args, option):
-                raise ConfigError(
-                    f"--resume {resume} was trained with --{option} {checkpoint['config'][option]}, "
-                    f"not {getattr(args, option)}: pass the same value"
-                )
-
+    checkpoint = load_resumable(resume, args) if resume else None
     files = prepare_files(args, save_path)
     if checkpoint is not None:
         mean, std = checkpoint["normalization"]["mean"], checkpoint["normalization"]["std"]
@@ -254,10 +265,7 @@ def train_on(device: torch.device, args: argparse.Namespace) -> Path:
     memory_format = torch.channels_last if on_gpu else torch.preserve_format
     autocast = on_gpu and args.precision == "bf16"
     torch.backends.cudnn.benchmark = on_gpu
-    model = PretrainModel(args.model_type, args.backbone, args.feat_size, args.num_clusters)
-    if processes_count > 1 and on_gpu:  # BatchNorm statistics over the global batch, as the authors ran it
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(device, memory_format=memory_format)
+    model = build_model(args, device, memory_format)
     method = model.method
     init_lr = args.lr * args.batch_size / 256
     optimizer = build_optimizer(model, init_lr, args.momentum, args.weight_decay, args.fix_pred_lr)
