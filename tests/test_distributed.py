@@ -64,13 +64,14 @@ def test_two_processes_with_half_batches_equal_one_process_with_the_whole_batch(
 
 def test_collectives_agree_on_every_rank(tmp_path):
     spawn(collectives_worker, tmp_path, str(tmp_path / "out.pt"))
-    for me, report in enumerate(torch.load(tmp_path / "out.pt", weights_only=True)):
+    reports = torch.load(tmp_path / "out.pt", weights_only=True)
+    for report in reports:
         assert report["main_value"] == "computed by rank 0"
         assert report["gathered"] == [10.0, 11.0, 20.0, 21.0]  # view 1 of ranks 0, 1, then view 2
         assert report["earliest"] == 5 and report["earliest_none"] == -1
         assert "replicas diverged" in report["diverged"]  # every rank raises, not only the odd one out
         assert "--batch_size 15 is the global batch and must split evenly over the 2 processes" in report["odd_batch"]
-    assert "rank 1 differs in bias" in torch.load(tmp_path / "out.pt", weights_only=True)[1]["diverged"]
+    assert "rank 1 differs in bias" in reports[1]["diverged"]
 
 
 def torchrun(*args: str, max_restarts: int = 0) -> subprocess.Popen:
