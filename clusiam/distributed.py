@@ -15,7 +15,7 @@ from typing import Callable, Iterator, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
-from lightly.utils.dist import gather
+from lightly.utils.dist import gather, world_size
 from torch import Tensor, nn
 
 from clusiam.config import ConfigError, resolve_device
@@ -35,10 +35,6 @@ def rank() -> int:
 def is_main() -> bool:
     """The process that writes files and prints: rank 0, or the only process."""
     return rank() == 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 @contextlib.contextmanager
