@@ -101,7 +101,7 @@ def epochs_csv(save_path: Path) -> list[dict]:
 
 def test_torchrun_trains_writes_once_and_resumes_on_any_number_of_processes(tiny_demo, tiny_checkpoint, tmp_path):
     # 2 processes, 1 epoch: one checkpoint, one log, one CSV row per epoch.
-    output = finish(torchrun(*pretrain_args(tiny_demo, tmp_path / "a", "--epochs", "1")))
+    output = finish(torchrun(*pretrain_args(tiny_demo, tmp_path / "a", "--epochs", "1", "--save_freq", "1")))
     assert output.count("steps/epoch") == 1 and output.count("done:") == 1
     assert "2 processes (cpu), 8 images each" in output
     a = load_checkpoint(tmp_path / "a" / "last.pth")

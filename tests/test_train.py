@@ -67,7 +67,7 @@ def final_weights(path):
 
 @pytest.mark.parametrize("model_type, augment", [("clusiam", "batched"), ("clubyol", "batched"), ("clusiam", "pil")])
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_demo, tmp_path, model_type, augment):
-    common = ["--model_type", model_type, "--seed", "3", "--augment", augment]
+    common = ["--model_type", model_type, "--seed", "3", "--augment", augment, "--save_freq", "1"]
     whole = train(parse_config(tiny_run_args(tiny_demo, tmp_path / "whole", *common, "--epochs", "2")))
     half = train(parse_config(tiny_run_args(tiny_demo, tmp_path / "split", *common, "--epochs", "1")))
     resumed = train(parse_config(tiny_run_args(tiny_demo, tmp_path / "split", *common, "--epochs", "2", "--resume", str(half))))
@@ -98,7 +98,8 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tin
     good = train(parse_config(tiny_run_args(tiny_demo, tmp_path / "run", "--epochs", "1")))
     saved = good.read_bytes()
     # A NaN learning rate poisons the weights at the first step of epoch 2 (step 4), so the loss of step 5 is NaN.
-    code = main(tiny_run_args(tiny_demo, tmp_path / "run", "--epochs", "2", "--resume", str(good), "--lr", "nan"))
+    code = main(tiny_run_args(tiny_demo, tmp_path / "run", "--epochs", "2", "--resume", str(good), "--lr", "nan",
+                              "--save_freq", "1"))
     assert code == 2
     assert "non-finite at step 5 (epoch 2)" in capsys.readouterr().out
     assert good.read_bytes() == saved
