@@ -3,7 +3,8 @@
 The authors' flags keep their names, meanings and defaults; ``--config FILE`` sets any of
 them from YAML (keys are the option names without dashes) and flags given on the command
 line override the file. Where a default depends on the method (``--feat_size``,
-``--alpha``), it is left unset here and filled from :data:`clusiam.models.METHODS`.
+``--alpha``, ``--fix_pred_lr``), it is left unset here and filled from
+:data:`clusiam.models.METHODS`.
 """
 from __future__ import annotations
 
@@ -74,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--lr", default=0.05, type=float, help="base learning rate; the SGD rate is lr * batch_size / 256")
     optim.add_argument("--weight_decay", default=1e-4, type=float)
     optim.add_argument("--momentum", default=0.9, type=float, help="SGD momentum")
-    optim.add_argument("--fix_pred_lr", default=False, action=argparse.BooleanOptionalAction,
-                       help="keep the predictor at the initial learning rate (SimSiam's recipe)")
+    optim.add_argument("--fix_pred_lr", default=None, action=argparse.BooleanOptionalAction,
+                       help="keep the predictor at the initial learning rate (default: on for the SimSiam family, "
+                            "SimSiam's recipe; off for the BYOL family)")
     optim.add_argument("--seed", default=0, type=int)
     optim.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     optim.add_argument("--precision", default="bf16", choices=["bf16", "fp32"],
@@ -158,6 +160,8 @@ def parse_config(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.feat_size = args.feat_size or method.feat_size
     if args.alpha is None:
         args.alpha = method.alpha
+    if args.fix_pred_lr is None:
+        args.fix_pred_lr = method.fix_pred_lr
     if not method.clustered and args.alpha != 0:
         raise ConfigError(f"--alpha {args.alpha}: {args.model_type} has no cluster head, so alpha must be 0")
     if not 0 <= args.alpha <= 1:

@@ -36,13 +36,14 @@ class Method:
     clustered: bool  # CluSiam / CluBYOL: cluster projector + assigner and the cluster loss
     feat_size: int  # projector output dimension
     alpha: float  # weight of the cluster loss: L = (1 - alpha) L_inv + alpha L_clu
+    fix_pred_lr: bool  # the predictor keeps the initial learning rate (SimSiam's recipe; BYOL decays it)
 
 
 METHODS = {
-    "clusiam": Method(momentum_target=False, clustered=True, feat_size=2048, alpha=0.5),
-    "clubyol": Method(momentum_target=True, clustered=True, feat_size=256, alpha=0.9),
-    "simsiam": Method(momentum_target=False, clustered=False, feat_size=2048, alpha=0.0),
-    "byol": Method(momentum_target=True, clustered=False, feat_size=256, alpha=0.0),
+    "clusiam": Method(momentum_target=False, clustered=True, feat_size=2048, alpha=0.5, fix_pred_lr=True),
+    "clubyol": Method(momentum_target=True, clustered=True, feat_size=256, alpha=0.9, fix_pred_lr=False),
+    "simsiam": Method(momentum_target=False, clustered=False, feat_size=2048, alpha=0.0, fix_pred_lr=True),
+    "byol": Method(momentum_target=True, clustered=False, feat_size=256, alpha=0.0, fix_pred_lr=False),
 }
 
 SIMSIAM_PREDICTOR_HIDDEN = 512

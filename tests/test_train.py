@@ -43,6 +43,13 @@ def test_a_flag_overrides_the_config_file(tmp_path):
     assert (args.feat_size, args.alpha) == (256, 0.9)  # the method's defaults fill what neither sets
 
 
+@pytest.mark.parametrize("model_type, fixed", [("clusiam", True), ("simsiam", True), ("clubyol", False), ("byol", False)])
+def test_fix_pred_lr_follows_each_methods_recipe_unless_a_flag_says_otherwise(model_type, fixed):
+    assert parse_config(["--model_type", model_type]).fix_pred_lr is fixed
+    flipped = "--no-fix_pred_lr" if fixed else "--fix_pred_lr"
+    assert parse_config(["--model_type", model_type, flipped]).fix_pred_lr is not fixed
+
+
 @pytest.mark.parametrize("text, message", [
     ("lrr: 0.1\n", r"unknown option\(s\) lrr"),
     ("lr: fast\n", "invalid float value"),
