@@ -5,8 +5,9 @@
 A slide is a folder holding patch images (``PATCH_ROOT/<class>/<slide>/`` or
 ``PATCH_ROOT/<slide>/``). Each ``<out>/<slide>.h5`` holds ``features`` (N, D) float32,
 ``paths`` (N,) relative to PATCH_ROOT, ``coords`` (N, 2) when every patch is named
-``<x>_<y>.<ext>`` (the tiler's names), and attributes naming the checkpoint and feature
-type. Finished slides are skipped on a rerun with the same checkpoint and feature type.
+``<x>_<y>.<ext>`` (the tiler's names), and attributes naming the checkpoint, feature
+type and resize. Finished slides are skipped on a rerun with the same checkpoint, feature
+type and resize; a bag made with different ones is encoded again.
 
 Under torchrun (``torchrun --nproc_per_node 8 -m mil.compute_feats ...``) each process
 encodes its share of the slides.
@@ -71,12 +72,13 @@ def coordinates(files: Sequence[Path]) -> np.ndarray | None:
     return np.array([[int(m.group(1)), int(m.group(2))] for m in matches], dtype=np.int64)
 
 
-def is_done(path: Path, checkpoint_digest: str, feature: str) -> bool:
+def is_done(path: Path, encoding: dict) -> bool:
+    """Whether ``path`` is a whole bag encoded the way ``encoding`` (attribute: value) says."""
     if not path.is_file():
         return False
     try:
         with h5py.File(path, "r") as handle:
-            return handle.attrs.get("checkpoint_sha256") == checkpoint_digest and handle.attrs.get("feature") == feature
+            return all(handle.attrs.get(name) == value for name, value in encoding.items())
     except OSError:  # a file cut short by a crash: redo it
         return False
 
@@ -104,14 +106,16 @@ def compute_on(device: torch.device, args: argparse.Namespace) -> dict[str, int]
     root, out = Path(args.patches), Path(args.out)
     model, state = load_pretrained(args.checkpoint)
     encoder = feature_extractor(model, args.feature)
-    digest = file_digest(Path(args.checkpoint))
-    attributes = {"checkpoint": str(args.checkpoint), "checkpoint_sha256": digest, "feature": args.feature,
+    # What decides the features; HDF5 attributes cannot hold None, so no resize is stored as 0.
+    encoding = {"checkpoint_sha256": file_digest(Path(args.checkpoint)), "feature": args.feature,
+                "resize": args.resize or 0}
+    attributes = {**encoding, "checkpoint": str(args.checkpoint),
                   "model_type": state["config"]["model_type"], "backbone": state["config"]["backbone"]}
     slides = slide_patches(root)
     missing = sorted(set(read_table(args.labels, ("slide", "label"))) - set(slides)) if args.labels else []
     out.mkdir(parents=True, exist_ok=True)
     # Rank 0 decides what is left, so that no process sees a bag another has just written.
-    pending = main_computes(lambda: [s for s in slides if not is_done(out / f"{s}.h5", digest, args.feature)])
+    pending = main_computes(lambda: [s for s in slides if not is_done(out / f"{s}.h5", encoding)])
     mean, std = state["normalization"]["mean"], state["normalization"]["std"]
     for slide in tqdm(shard(pending), desc="slides", unit="slide", disable=not is_main()):
         features = encode(encoder, slides[slide], mean, std, device, batch_size=args.batch_size,

@@ -3,6 +3,9 @@ Image Classification with Self-supervised Contrastive Learning", CVPR 2021), and
 max-pooling and mean-pooling baselines, all with one interface:
 
     instance_logits (N, C), bag_logits (C,), attention (N, C) = model(features (N, D))
+
+``dual_stream`` says whether the instance logits are a second output to train and score
+(DSMIL), or only explain where a baseline's bag logit comes from.
 """
 from __future__ import annotations
 
@@ -28,6 +31,8 @@ class DSMIL(nn.Module):
     """Instance stream (a linear classifier on every patch) and bag stream (attention of
     every patch to the critical patch of each class, then a Conv1d over the weighted sum)."""
 
+    dual_stream = True
+
     def __init__(self, feature_dim: int, num_classes: int, value_dropout: float | None = None) -> None:
         super().__init__()
         self.instance_classifier = nn.Linear(feature_dim, num_classes)
@@ -52,6 +57,8 @@ class DSMIL(nn.Module):
 class MaxPooling(nn.Module):
     """Baseline: a linear classifier on every patch; the bag logit is the maximum."""
 
+    dual_stream = False
+
     def __init__(self, feature_dim: int, num_classes: int) -> None:
         super().__init__()
         self.instance_classifier = nn.Linear(feature_dim, num_classes)
@@ -65,6 +72,8 @@ class MaxPooling(nn.Module):
 
 class MeanPooling(nn.Module):
     """Baseline: a linear classifier on the mean feature of the bag."""
+
+    dual_stream = False
 
     def __init__(self, feature_dim: int, num_classes: int) -> None:
         super().__init__()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -57,14 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="2: independent sigmoids for negative and positive (the CluSiam table); 1: one sigmoid")
     parser.add_argument("--aggregator", default="dsmil", choices=list(AGGREGATORS))
     parser.add_argument("--average", default=True, action=argparse.BooleanOptionalAction,
-                        help="score = mean of sigmoid(bag) and sigmoid(max instance) (DSMIL's 2023 default)")
+                        help="DSMIL's score = mean of sigmoid(bag) and sigmoid(max instance) (its 2023 default)")
     parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--weight_decay", type=float, default=5e-3)
     parser.add_argument("--min_lr", type=float, default=5e-6, help="end of the cosine schedule")
     parser.add_argument("--patience", type=int, default=0,
                         help="stop after this many epochs without a better validation score (0: never)")
-    parser.add_argument("--folds", type=int, default=0, help="K-fold cross-validation on the non-test slides (0: use the split's val)")
+    parser.add_argument("--folds", type=int, default=0,
+                        help="K-fold cross-validation on the non-test slides, val included (0: use the split's val)")
     parser.add_argument("--seeds", type=int, default=1, help="repeat each run with seeds 0 .. N-1")
     parser.add_argument("--split_seed", type=int, default=0, help="seed of the split made when no --split is given")
     parser.add_argument("--test_fraction", type=float, default=0.2)
@@ -81,20 +83,28 @@ def make_split(labels: dict[str, str], test_fraction: float, val_fraction: float
     return {**dict.fromkeys(train, "train"), **dict.fromkeys(val, "val"), **dict.fromkeys(test, "test")}
 
 
-def check_split(split: dict[str, str], labels: dict[str, str]) -> None:
-    """Every slide in exactly one known split, and both classes in each split: a split with
-    one class has no AUC, and is refused rather than scored as 1."""
+def check_split(split: dict[str, str], labels: dict[str, str], folds: int) -> None:
+    """Every slide in exactly one known split, and both classes wherever an AUC is taken: a
+    split with one class has no AUC, and is refused rather than scored as 1. With ``folds``
+    the validation slides are folds of the non-test slides, so the split needs no val (the
+    official Camelyon16 split has only train and test), but every fold needs both classes."""
     unknown = sorted({name for name in split.values() if name not in SPLITS})
     if unknown:
         raise DataError(f"unknown split name(s) {', '.join(unknown)}: use train, val, test")
     unlabelled = sorted(set(split) - set(labels))
     if unlabelled:
         raise DataError(f"{len(unlabelled)} slide(s) in the split have no label, e.g. {unlabelled[0]}")
-    for name in SPLITS:
+    if folds:
+        pool = Counter(labels[s] for s, where in split.items() if where != "test")
+        if len(pool) < 2 or min(pool.values()) < folds:
+            raise DataError(f"--folds {folds} needs at least {folds} slides of each class outside the test split "
+                            f"(found {dict(sorted(pool.items()))})")
+    for name in ("test",) if folds else SPLITS:
         classes = {labels[s] for s, where in split.items() if where == name}
         if len(classes) < 2:
+            hint = " (or use --folds K to validate on folds of the train slides)" if name == "val" else ""
             raise DataError(f"the {name} split holds {'no slides' if not classes else 'only ' + classes.pop() + ' slides'}: "
-                            "every split needs both classes (an AUC over one class is undefined)")
+                            f"every split needs both classes (an AUC over one class is undefined){hint}")
 
 
 def runs(split: dict[str, str], labels: dict[str, str], folds: int, seeds: int, seed: int) -> list[dict]:
@@ -135,11 +145,13 @@ class Targets:
 
 
 def bag_loss(model: torch.nn.Module, bag: Bag, target: torch.Tensor) -> torch.Tensor:
-    """DSMIL's loss: 0.5 BCE on the bag logits + 0.5 BCE on the max instance logits."""
+    """DSMIL's loss: 0.5 BCE on the bag logits + 0.5 BCE on the max instance logits; a pooling
+    baseline has one output, its bag logits, and BCE on them alone."""
     instance_logits, bag_logits, _ = model(bag.features)
-    max_logits = instance_logits.max(0).values
-    return 0.5 * F.binary_cross_entropy_with_logits(bag_logits, target) + \
-        0.5 * F.binary_cross_entropy_with_logits(max_logits, target)
+    loss = F.binary_cross_entropy_with_logits(bag_logits, target)
+    if not model.dual_stream:
+        return loss
+    return 0.5 * loss + 0.5 * F.binary_cross_entropy_with_logits(instance_logits.max(0).values, target)
 
 
 @torch.no_grad()
@@ -147,7 +159,7 @@ def score(model: torch.nn.Module, bag: Bag, average: bool) -> tuple[np.ndarray, 
     """Per-class probabilities of a bag, and its patches' attention and instance probabilities."""
     instance_logits, bag_logits, attention = model(bag.features)
     probabilities = torch.sigmoid(bag_logits)
-    if average:
+    if average and model.dual_stream:
         probabilities = (probabilities + torch.sigmoid(instance_logits.max(0).values)) / 2
     return probabilities.cpu().numpy(), attention.cpu().numpy(), torch.sigmoid(instance_logits).cpu().numpy()
 
@@ -234,12 +246,14 @@ def evaluate(args: argparse.Namespace) -> dict:
         raise DataError(f"{args.labels}: slide classification here is binary, found classes {', '.join(classes)}")
     if positive not in classes:
         raise ConfigError(f"--positive {positive!r} must be one of the classes {', '.join(classes)}")
+    if args.folds < 0 or args.folds == 1:
+        raise ConfigError(f"--folds {args.folds}: use 0 (the split's val) or K >= 2 folds")
     split = read_table(args.split, ("slide", "split")) if args.split else \
         make_split(labels, args.test_fraction, args.val_fraction, args.split_seed)
     unsplit = sorted(set(labels) - set(split))
     if unsplit:
         raise DataError(f"{len(unsplit)} labelled slide(s) are in no split, e.g. {unsplit[0]}: add them to {args.split}")
-    check_split(split, labels)
+    check_split(split, labels, args.folds)
     targets = Targets(classes, positive, args.num_classes)
     device = resolve_device(args.device)
     folder = Path(args.feats)

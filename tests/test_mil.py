@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from mil.compute_feats import main as compute_main
-from mil.dsmil import DSMIL, QUERY_DIM
+from mil.dsmil import DSMIL, QUERY_DIM, MaxPooling, MeanPooling
+from mil.train import Bag, bag_loss, score
 from mil.train import main as train_main
 
 
@@ -31,6 +32,24 @@ def test_dsmil_forward_is_the_papers_formula():
     assert torch.allclose(instance_logits, expected_instance, atol=1e-6)
     assert torch.allclose(attention, expected_attention, atol=1e-6)
     assert torch.allclose(bag_logits, expected_bag, atol=1e-5)
+
+
+def test_dsmil_trains_and_scores_both_streams_and_a_pooling_baseline_only_its_bag_logits():
+    torch.manual_seed(0)
+    bag, target = Bag("s", "tumor", torch.randn(30, 16), None), torch.tensor([0.0, 1.0])
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    for model in (DSMIL(16, 2), MaxPooling(16, 2), MeanPooling(16, 2)):
+        instance_logits, bag_logits, _ = model(bag.features)
+        top = instance_logits.max(0).values
+        two_streams = isinstance(model, DSMIL)
+        expected_loss = 0.5 * bce(bag_logits, target) + 0.5 * bce(top, target) if two_streams else bce(bag_logits, target)
+        assert torch.allclose(bag_loss(model, bag, target), expected_loss, atol=1e-6)
+        expected_score = (torch.sigmoid(bag_logits) + torch.sigmoid(top)) / 2 if two_streams else torch.sigmoid(bag_logits)
+        np.testing.assert_allclose(score(model, bag, average=True)[0], expected_score.detach().numpy(), atol=1e-6)
+    mean = MeanPooling(16, 2)
+    _, bag_logits, _ = mean(bag.features)  # the mean baseline is not a max in disguise
+    assert not torch.allclose(bag_loss(mean, bag, target), 0.5 * bce(bag_logits, target) +
+                              0.5 * bce(mean(bag.features)[0].max(0).values, target))
 
 
 def test_dsmil_starts_orthogonal_with_zero_biases():
@@ -151,6 +170,25 @@ def test_a_bad_split_is_refused(tmp_path, capsys, rows, message):
     assert code == 2 and message in capsys.readouterr().out
 
 
+def test_a_train_and_test_only_split_like_camelyons_official_one_needs_folds(tmp_path, capsys):
+    labels = write_bags(tmp_path / "feats", slides_per_class=8)
+    write_labels(tmp_path / "slides.csv", labels)
+    split = {s: "test" if int(s[-3:]) < 4 else "train" for s in labels}  # 2 + 2 test slides, 6 + 6 train slides
+    with open(tmp_path / "split.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows([("slide", "split"), *sorted(split.items())])
+    common = ["--split", str(tmp_path / "split.csv"), "--aggregator", "max", "--epochs", "3"]
+    refused = ["--feats", str(tmp_path / "feats"), "--labels", str(tmp_path / "slides.csv"), "--out", str(tmp_path / "x"),
+               "--device", "cpu", *common]
+    assert train_main(refused) == 2
+    assert "the val split holds no slides" in capsys.readouterr().out
+    assert train_main([*refused, "--folds", "7"]) == 2
+    assert "--folds 7 needs at least 7 slides of each class outside the test split" in capsys.readouterr().out
+
+    report, _ = run_mil(tmp_path, tmp_path / "feats", tmp_path / "slides.csv", "folds", *common, "--folds", "3")
+    assert report["slides"] == {"train": 12, "val": 0, "test": 4}
+    assert [(r["fold"], r["train_slides"], r["val_slides"]) for r in report["runs"]] == [(0, 8, 4), (1, 8, 4), (2, 8, 4)]
+
+
 def test_compute_feats_writes_one_bag_per_slide_and_resumes(tiny_demo, tiny_checkpoint, tmp_path, capsys):
     labels = tmp_path / "slides.csv"
     labels.write_text((tiny_demo / "slide_labels.csv").read_text() + "tumor_404,tumor\n")
@@ -164,9 +202,15 @@ def test_compute_feats_writes_one_bag_per_slide_and_resumes(tiny_demo, tiny_chec
         coords = handle["coords"][:]
         assert sorted(map(tuple, coords))[:2] == [(0, 0), (0, 32)]
         assert handle.attrs["feature"] == "backbone" and handle.attrs["model_type"] == "clusiam"
+        assert handle.attrs["resize"] == 0
         assert handle["paths"][0].decode().startswith("tumor/tumor_001/")
     out = capsys.readouterr().out
     assert "4 slides encoded" in out and "1 labelled slide(s) have no patches" in out
     assert (tmp_path / "feats" / "slides_without_patches.txt").read_text() == "tumor_404\n"
     assert compute_main(args) == 0
     assert "0 slides encoded, 4 already done" in capsys.readouterr().out
+    # Another patch size is another encoding: every bag is made again rather than mixed with the old ones.
+    assert compute_main([*args, "--resize", "48"]) == 0
+    assert "4 slides encoded, 0 already done" in capsys.readouterr().out
+    with h5py.File(tmp_path / "feats" / "tumor_001.h5") as handle:
+        assert handle.attrs["resize"] == 48 and handle["features"].shape == (16, 512)
