@@ -118,6 +118,8 @@ def export(checkpoint: Path, fmt: str, out: Path, bgr: bool = False, safetensors
     """Write the export and its JSON; return the weight file's path."""
     if bgr and fmt != "lpd":
         raise ExportError("--bgr applies to --format lpd (LPD reads images with OpenCV)")
+    if safetensors and fmt == "lpd":
+        raise ExportError("--safetensors cannot go with --format lpd: LPD reads ./pretrained/mit_b1.pth with torch.load")
     model, state = load_pretrained(checkpoint)
     backbone = state["config"]["backbone"]
     family = backbone_family(backbone)

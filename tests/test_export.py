@@ -150,8 +150,13 @@ def test_timm_export_loads_strictly_and_safetensors_hold_the_same_tensors(tiny_d
     assert (features(network, x) - features(load_pretrained(checkpoint)[0].backbone, x)).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("fmt, message", [("lpd", "--format lpd needs mit_b1"), ("timm", "--format timm needs a timm model")])
-def test_a_wrong_pairing_is_refused(tiny_checkpoint, tmp_path, capsys, fmt, message):
-    assert export_main([str(tiny_checkpoint), "--format", fmt, "--out", str(tmp_path / "x.pth")]) == 2
+@pytest.mark.parametrize("fmt, extra, message", [
+    ("lpd", [], "--format lpd needs mit_b1"),
+    ("timm", [], "--format timm needs a timm model"),
+    ("torchvision", ["--bgr"], "--bgr applies to --format lpd"),
+    ("lpd", ["--safetensors"], "--safetensors cannot go with --format lpd"),
+])
+def test_a_wrong_pairing_is_refused(tiny_checkpoint, tmp_path, capsys, fmt, extra, message):
+    assert export_main([str(tiny_checkpoint), "--format", fmt, "--out", str(tmp_path / "x.pth"), *extra]) == 2
     assert message in capsys.readouterr().out
     assert not list(tmp_path.iterdir())
