@@ -1,6 +1,6 @@
 """Pretrain an encoder with CluSiam, CluBYOL, SimSiam or BYOL.
 
-    python pretrain.py --config configs/clusiam.yaml /data/camelyon16_patches
+    python pretrain.py --config configs/clusiam.yaml /data/camelyon16/patches
     python pretrain.py --config configs/demo.yaml          # built-in demo data, CPU
 
     torchrun --nproc_per_node 8 pretrain.py --config configs/clubyol.yaml DATA   # 8 GPUs

@@ -184,7 +184,7 @@ def prepare_demo(root: str | Path, spec: DemoSpec = DemoSpec()) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Write the clusiam demo patch set.")
+    parser = argparse.ArgumentParser(prog="python -m clusiam.demo", description="Write the clusiam demo patch set.")
     parser.add_argument("out", type=Path, help="folder to write the demo set into")
     parser.add_argument("--seed", type=int, default=DemoSpec.seed)
     parser.add_argument("--patch_size", type=int, default=DemoSpec.patch_size)
