@@ -1,6 +1,6 @@
 """Loss functions as small pure functions of tensors.
 
-Notation follows ../shared/specs/METHOD.md and Wu et al., ICCV 2023: p = predictor output,
+Notation follows Wu et al., ICCV 2023, and the authors' code: p = predictor output,
 t = target (sg(z) for SimSiam, the momentum network's projection for BYOL), a = cluster
 assigner logits, alpha = weight of the cluster term. None of these functions reads a value
 back to the host, so the training step stays free of synchronisation.
