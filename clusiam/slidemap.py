@@ -6,12 +6,12 @@ contours on top.
     python -m clusiam.slidemap --scores reports/mil/attention/seed0_fold0.h5 --slide S.svs --patches PATCH_ROOT --out maps/
 
 The tiles come from the tiler's index (``PATCH_ROOT_index/<slide>.h5``). Scores are read
-from a CSV with columns x, y, score (level-0 pixels) or from a ``mil.train`` attention file.
+from a CSV with columns x, y, score (level-0 pixels) or from a ``mil.train`` attention file;
+tiles without a score are counted and drawn grey.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 from pathlib import Path
 from typing import Sequence
 
@@ -25,10 +25,11 @@ from clusiam.checkpoint import load_pretrained
 from clusiam.config import resolve_device
 from clusiam.errors import UserError, run_command
 from clusiam.features import encode
-from clusiam.data import write_csv
+from clusiam.data import DataError, read_csv_rows, write_csv
 from clusiam.tile import annotation_file, index_folder, open_slide, polygon_outlines, read_annotations, slide_thumbnail
 
 TILE_ALPHA = 0.55
+UNSCORED = np.array([128, 128, 128], dtype=np.uint8)  # grey: a tile the scores file does not mention
 
 
 def cluster_palette(num_clusters: int) -> np.ndarray:
@@ -70,12 +71,23 @@ def read_scores(path: Path, slide: str, coords: np.ndarray) -> np.ndarray:
                 raise UserError(f"{path}: slide {slide} has no patch coordinates to place its scores")
             keyed = dict(zip(map(tuple, group["coords"][:]), group["attention"][:, -1]))
     else:
-        with open(path, newline="") as handle:
-            keyed = {(int(r["x"]), int(r["y"])): float(r["score"]) for r in csv.DictReader(handle)}
+        keyed = read_score_table(path)
     scores = np.array([keyed.get(tuple(c), np.nan) for c in coords], dtype=np.float64)
     if np.isnan(scores).all():
         raise UserError(f"{path}: none of the scores matches a tile of {slide} (are the coordinates level-0 pixels?)")
     return scores
+
+
+def read_score_table(path: Path) -> dict[tuple[int, int], float]:
+    """A CSV's scores keyed by tile corner (x, y), refusing rows that are not numbers."""
+    keyed = {}
+    for line, row in enumerate(read_csv_rows(path, ("x", "y", "score")), start=2):
+        try:
+            keyed[int(row["x"]), int(row["y"])] = float(row["score"])
+        except (TypeError, ValueError):
+            raise DataError(f"{path}, line {line}: x={row['x']!r}, y={row['y']!r}, score={row['score']!r}; x and y must "
+                            "be whole level-0 pixels (the tiler's coordinates) and score a number") from None
+    return keyed
 
 
 def paint(thumbnail: Image.Image, coords: np.ndarray, side: float, colours: np.ndarray, scale: float) -> Image.Image:
@@ -104,9 +116,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def draw(args: argparse.Namespace) -> Path:
+def check_inputs(args: argparse.Namespace) -> None:
+    """Refuse missing input files before the slide is read."""
     if (args.checkpoint is None) == (args.scores is None):
         raise UserError("pass exactly one of --checkpoint (cluster map) and --scores (heatmap)")
+    if args.scores is not None and not args.scores.is_file():
+        raise DataError(f"--scores {args.scores} does not exist: pass a CSV with columns x, y, score "
+                        "or the attention .h5 that mil.train writes")
+    if args.annotations is not None and not args.annotations.exists():
+        raise DataError(f"--annotations {args.annotations} does not exist: pass an ASAP .xml or a .geojson file, "
+                        "or a folder of <slide>.xml / <slide>.geojson, or leave --annotations out")
+
+
+def score_colours(scores: np.ndarray, slide: str, source: Path) -> np.ndarray:
+    """Inferno colours of the scores scaled to [0, 1]; grey for tiles without a score,
+    which are counted."""
+    unscored = np.isnan(scores)
+    if unscored.any():
+        print(f"{int(unscored.sum())} of {len(scores)} tiles of {slide} have no score in {source}; drawn grey")
+    low, high = np.nanmin(scores), np.nanmax(scores)
+    normalised = (scores - low) / (high - low) if high > low else np.zeros_like(scores)
+    colours = (matplotlib.colormaps["inferno"](np.nan_to_num(normalised))[:, :3] * 255).astype(np.uint8)
+    colours[unscored] = UNSCORED
+    return colours
+
+
+def draw(args: argparse.Namespace) -> Path:
+    check_inputs(args)
     name = args.slide.stem
     index = read_index(args.index_dir or index_folder(args.patches), name)
     slide = open_slide(args.slide)
@@ -121,17 +157,14 @@ def draw(args: argparse.Namespace) -> Path:
         write_csv(args.out / f"{name}_clusters.csv", ("x", "y", "cluster"),
                   [(x, y, c) for (x, y), c in zip(index["coords"], clusters)])
     else:
-        scores = read_scores(args.scores, name, index["coords"])
-        low, high = np.nanmin(scores), np.nanmax(scores)
-        normalised = (scores - low) / (high - low) if high > low else np.zeros_like(scores)
-        keep = ~np.isnan(normalised)
-        index["coords"] = index["coords"][keep]
-        colours = (matplotlib.colormaps["inferno"](normalised[keep])[:, :3] * 255).astype(np.uint8)
+        colours = score_colours(read_scores(args.scores, name, index["coords"]), name, args.scores)
         target = args.out / f"{name}_heatmap.png"
     picture = paint(thumbnail, index["coords"], index["tile0"], colours, scale)
     annotations = args.annotations
     if annotations is not None and annotations.is_dir():
         annotations = annotation_file(annotations, name)
+        if annotations is None:
+            print(f"no annotation file for {name} in {args.annotations}; no contours drawn")
     if annotations is not None:
         pen = ImageDraw.Draw(picture)
         for outline in polygon_outlines(read_annotations(annotations), scale):

@@ -6,13 +6,16 @@ a picture of what was kept, and patch labels from tumour annotations.
 Writes ``PATCH_ROOT/[<class>/]<slide>/<x>_<y>.png`` (x, y: level-0 pixels of the top-left
 corner) and, beside it in ``PATCH_ROOT_index/``: ``<slide>.h5`` (coordinates and tiling
 attributes), ``<slide>_thumbnail.png``, ``tiles.csv`` (one row per slide) and, with
-annotations, ``patch_labels.csv`` (path, label, slide) for ``evaluate_knn.py``.
+annotations, ``patch_labels.csv`` (path, label, slide) for ``evaluate_knn.py``. A slide's
+patches appear only once the slide is complete, so one that fails leaves none behind.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import json
+import os
+import shutil
 import time
 import xml.etree.ElementTree as ElementTree
 from concurrent.futures import ProcessPoolExecutor
@@ -30,12 +33,29 @@ from skimage.filters import threshold_otsu
 from skimage.morphology import remove_small_holes, remove_small_objects
 from tqdm import tqdm
 
-from clusiam.data import find_files, read_table, write_csv
+from clusiam.config import ConfigError
+from clusiam.data import DataError, find_files, read_table, write_csv
 from clusiam.errors import UserError, run_command
 
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".mrxs", ".vms", ".vmu", ".bif", ".svslide")
 # ASAP groups of the Camelyon16 annotations: _0 and _1 are tumour, _2 marks normal tissue inside them.
 ASAP_EXCLUSION_GROUPS = {"_2", "exclusion", "Exclusion"}
+# Under the index folder: slides being tiled, moved into place when complete.
+STAGING = ".unfinished"
+# Flag: (whether a value is usable, what it must be); checked before any slide is opened.
+FLAG_RULES = {
+    "mpp": (lambda v: v > 0, "above 0 (0.5 = 20x)"),
+    "size": (lambda v: v >= 1, "at least 1 pixel"),
+    "overlap": (lambda v: 0 <= v < 1, "in [0, 1): the share of a tile its neighbour repeats"),
+    "min_tissue": (lambda v: 0 <= v <= 1, "in [0, 1]: the tissue fraction a kept tile needs"),
+    "mask_mpp": (lambda v: v > 0, "above 0 (4 um/px is the default)"),
+    "min_object_um2": (lambda v: v >= 0, "0 or more"),
+    "max_hole_um2": (lambda v: v >= 0, "0 or more"),
+    "saturation_threshold": (lambda v: v is None or 0 <= v <= 1, "in [0, 1], or left out for Otsu's"),
+    "slide_mpp": (lambda v: v is None or v > 0, "above 0 (0.25 for 40x, 0.5 for 20x)"),
+    "label_threshold": (lambda v: 0 < v <= 1, "in (0, 1]: the tumour fraction from which a tile is tumor"),
+    "workers": (lambda v: v >= 1, "at least 1"),
+}
 
 
 class SlideError(UserError):
@@ -55,6 +75,7 @@ class TilingOptions:
     slide_mpp: float | None = None
     image_format: str = "png"
     label_threshold: float = 0.5
+    annotations: Path | None = None  # folder of <slide>.xml / .geojson; None: no labels
 
 
 def open_slide(path: Path):
@@ -129,9 +150,36 @@ def annotation_file(directory: Path | None, slide: str) -> Path | None:
     return None
 
 
-def tile_slide(path: Path, out: Path, index_dir: Path, slide_class: str | None, annotations: Path | None,
-               options: TilingOptions) -> dict:
-    """Tile one slide; return its summary row (and the patch label rows)."""
+def tile_slide(path: Path, out: Path, index_dir: Path, slide_class: str | None, options: TilingOptions) -> dict:
+    """Tile one slide into a staging folder and move it into place only when complete, so a
+    slide that fails half-way leaves no patches for pretraining to pick up; return its
+    summary row (and the patch label rows)."""
+    relative = Path(slide_class, path.stem) if slide_class else Path(path.stem)
+    staging = index_dir / STAGING / path.stem
+    shutil.rmtree(staging, ignore_errors=True)  # left by a run that was killed
+    try:
+        row = tile_into(path, relative, staging, options)
+        publish(staging, out / relative, index_dir, path.stem)
+    except Exception:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return row
+
+
+def publish(staging: Path, folder: Path, index_dir: Path, name: str) -> None:
+    """Move a finished slide's index and thumbnail, then its patches, into place. The
+    patches of an earlier tiling of the slide are replaced rather than mixed with these."""
+    for file in (f"{name}.h5", f"{name}_thumbnail.png"):
+        os.replace(staging / file, index_dir / file)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(staging / "patches", folder)  # a rename, or a copy when --index_dir is on another disk
+    staging.rmdir()
+
+
+def tile_into(path: Path, relative: Path, staging: Path, options: TilingOptions) -> dict:
+    """Tile one slide into ``staging``: patches under ``patches/``, index and thumbnail
+    beside them; patch paths are recorded as ``relative/<x>_<y>.<ext>`` (from PATCH_ROOT)."""
     started = time.time()
     name = path.stem
     slide = open_slide(path)
@@ -163,27 +211,28 @@ def tile_slide(path: Path, out: Path, index_dir: Path, slide_class: str | None, 
         coords_array = np.array(coords, dtype=np.int64).reshape(-1, 2)
 
         tumour_fraction, region = None, None
-        if annotations is not None:
-            region = read_annotations(annotations)
+        if options.annotations is not None:
+            annotations = annotation_file(options.annotations, name)
+            # No file: no tumour (Camelyon16 ships XML for its tumour slides only).
+            region = read_annotations(annotations) if annotations else shapely.Polygon()
             boxes = shapely.box(coords_array[:, 0], coords_array[:, 1], coords_array[:, 0] + tile0, coords_array[:, 1] + tile0)
             tumour_fraction = shapely.area(shapely.intersection(boxes, region)) / (tile0 * tile0)
 
-        folder = out / slide_class / name if slide_class else out / name
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = staging / "patches"
+        folder.mkdir(parents=True)
         extension = "jpg" if options.image_format == "jpeg" else options.image_format
         paths = []
         for x, y in coords_array:
             patch = slide.read_region((int(x), int(y)), level, (read_size, read_size)).convert("RGB")
             if read_size != options.size:
                 patch = patch.resize((options.size, options.size), Image.LANCZOS)
-            patch_path = folder / f"{x}_{y}.{extension}"
-            patch.save(patch_path, **({"quality": 90} if extension == "jpg" else {}))
-            paths.append(str(patch_path.relative_to(out)))
+            patch.save(folder / f"{x}_{y}.{extension}", **({"quality": 90} if extension == "jpg" else {}))
+            paths.append(str(relative / f"{x}_{y}.{extension}"))
     finally:
         slide.close()
 
     labels = None
-    with h5py.File(index_dir / f"{name}.h5", "w") as handle:
+    with h5py.File(staging / f"{name}.h5", "w") as handle:
         dataset = handle.create_dataset("coords", data=coords_array)
         # The attributes CLAM / TRIDENT readers look for, plus the resolution in microns.
         dataset.attrs.update({"patch_size": options.size, "patch_size_level0": tile0, "patch_level": level,
@@ -197,7 +246,7 @@ def tile_slide(path: Path, out: Path, index_dir: Path, slide_class: str | None, 
             handle["tumor_fraction"] = tumour_fraction.astype(np.float32)
             labels = np.where(tumour_fraction >= options.label_threshold, "tumor", "normal")
             handle["label"] = labels.astype("S")
-    draw_thumbnail(thumbnail, mask, coords_array / thumb_scale, tile0 / thumb_scale, index_dir / f"{name}_thumbnail.png",
+    draw_thumbnail(thumbnail, mask, coords_array / thumb_scale, tile0 / thumb_scale, staging / f"{name}_thumbnail.png",
                    region, thumb_scale)
     return {
         "slide": name, "tiles": len(coords_array), "tissue_area_mm2": round(float(mask.sum()) * options.mask_mpp**2 / 1e6, 3),
@@ -277,24 +326,60 @@ def slide_thumbnail(slide, scale: float) -> Image.Image:
     return slide.get_thumbnail(size).convert("RGB").resize(size)
 
 
+def check_flags(args: argparse.Namespace) -> None:
+    """Refuse values that would make every slide fail (a zero step, a zero resolution)."""
+    for flag, (usable, rule) in FLAG_RULES.items():
+        value = getattr(args, flag)
+        if not usable(value):
+            raise ConfigError(f"--{flag} {value} must be {rule}")
+    if args.annotations is not None and not args.annotations.is_dir():
+        state = "is not a folder" if args.annotations.exists() else "does not exist"
+        raise DataError(f"--annotations {args.annotations} {state}: pass the folder of <slide>.xml (ASAP) "
+                        "or <slide>.geojson files, or leave --annotations out")
+
+
+def read_classes(path: Path, slides: Sequence[Path]) -> dict[str, str]:
+    """Each slide's class from ``--classes``; every slide must have one, or the patch root
+    would mix class folders with bare slide folders."""
+    classes = read_table(path, ("slide", "label"))
+    missing = [p.stem for p in slides if p.stem not in classes]
+    if missing:
+        raise DataError(f"--classes {path} lists no class for {len(missing)} slide(s): {', '.join(missing[:5])}"
+                        f"{' ...' if len(missing) > 5 else ''}; add them to it, or drop --classes")
+    return classes
+
+
+def report_unannotated(slides: Sequence[Path], folder: Path) -> None:
+    """Say how many slides are labelled normal throughout because no annotation file names them."""
+    missing = [p for p in slides if annotation_file(folder, p.stem) is None]
+    if missing:
+        print(f"{len(missing)} of {len(slides)} slide(s) have no annotation file in {folder} (e.g. {missing[0].name}): "
+              "all their tiles are labelled normal (tumour fraction 0)")
+
+
 def tile(args: argparse.Namespace) -> dict:
     """Tile every slide; unreadable ones are reported, listed and skipped."""
+    check_flags(args)
     slides = find_slides(args.slides)
-    index_dir = args.index_dir or index_folder(args.out)
+    classes = read_classes(args.classes, slides) if args.classes else {}
+    args.out = args.out.resolve()  # `--out .` has no name to put _index after
+    index_dir = (args.index_dir or index_folder(args.out)).resolve()
     index_dir.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    classes = read_table(args.classes, ("slide", "label")) if args.classes else {}
+    if args.annotations is not None:
+        report_unannotated(slides, args.annotations)
     options = TilingOptions(**{k: getattr(args, k) for k in TilingOptions.__dataclass_fields__})
     rows, failed = [], []
-    with ProcessPoolExecutor(max_workers=max(1, args.workers)) as pool:
-        futures = {pool.submit(tile_slide, path, args.out, index_dir, classes.get(path.stem),
-                               annotation_file(args.annotations, path.stem), options): path for path in slides}
+    with ProcessPoolExecutor(max_workers=args.workers) as pool:
+        futures = {pool.submit(tile_slide, path, args.out, index_dir, classes.get(path.stem), options): path
+                   for path in slides}
         for future in tqdm(futures, desc="slides", unit="slide"):
             try:
                 rows.append(future.result())
             except Exception as error:  # one bad slide must not stop the others
                 failed.append((futures[future], f"{type(error).__name__}: {error}"))
                 tqdm.write(f"skipped {futures[future]}: {error}")
+    shutil.rmtree(index_dir / STAGING, ignore_errors=True)
     patch_labels = [label for row in rows for label in row.pop("patch_labels")]
     with open(index_dir / "tiles.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["slide", "tiles", "tissue_area_mm2", "mpp", "level", "otsu_threshold",
@@ -302,13 +387,18 @@ def tile(args: argparse.Namespace) -> dict:
         writer.writeheader()
         writer.writerows(rows)
     if args.annotations is not None:
-        relative = Path("..") / args.out.name if index_dir.parent == args.out.parent else args.out.resolve()
+        relative = Path("..") / args.out.name if index_dir.parent == args.out.parent else args.out
         write_csv(index_dir / "patch_labels.csv", ("path", "label", "slide"),
                   [(str(relative / path), label, slide) for path, label, slide in patch_labels])
+    failed_list = index_dir / "failed_slides.txt"
     if failed:
-        (index_dir / "failed_slides.txt").write_text("".join(f"{p}\t{why}\n" for p, why in failed))
+        failed_list.write_text("".join(f"{p}\t{why}\n" for p, why in failed))
+    else:
+        failed_list.unlink(missing_ok=True)  # a list from an earlier run would no longer be true
+    if not rows:
+        raise DataError(f"none of the {len(slides)} slide(s) could be tiled; the reasons are in {failed_list}")
     print(f"{sum(r['tiles'] for r in rows)} patches from {len(rows)} slides into {args.out}; index in {index_dir}"
-          + (f"; {len(failed)} slide(s) could not be read (listed in {index_dir / 'failed_slides.txt'})" if failed else ""))
+          + (f"; {len(failed)} slide(s) could not be read (listed in {failed_list})" if failed else ""))
     return {"rows": rows, "failed": failed, "index_dir": index_dir}
 
 

@@ -80,14 +80,14 @@ def test_a_slide_without_resolution_needs_slide_mpp(tmp_path):
     folder.mkdir()
     region = tiffslide.TiffSlide(CMU_SLIDE).read_region((600, 600), 0, (1100, 2000)).convert("RGB")
     region.save(folder / "plain.tif")  # a TIFF that records no microns per pixel
-    assert tile_main([str(folder), "--out", str(tmp_path / "a"), "--workers", "1"]) == 0
+    assert tile_main([str(folder), "--out", str(tmp_path / "a"), "--workers", "1"]) == 2  # no slide could be tiled
     assert "records no microns-per-pixel; pass --slide_mpp" in (tmp_path / "a_index" / "failed_slides.txt").read_text()
     assert tile_main([str(folder), "--out", str(tmp_path / "b"), "--workers", "1", "--slide_mpp", "0.5"]) == 0
     assert len(list((tmp_path / "b" / "plain").glob("*.png"))) > 0
 
 
 @pytest.mark.parametrize("kind", ["asap", "geojson"])
-def test_an_annotation_polygon_labels_exactly_the_tiles_inside_it(slides, tiled, tmp_path, kind):
+def test_an_annotation_polygon_labels_exactly_the_tiles_inside_it(slides, tiled, tmp_path, kind, capsys):
     _, coords, attrs = tiled
     side = attrs["patch_size_level0"]
     inside = sorted(map(tuple, coords))[10:12]  # two kept tiles of one column or row
@@ -108,6 +108,7 @@ def test_an_annotation_polygon_labels_exactly_the_tiles_inside_it(slides, tiled,
         (annotations / "cmu.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [feature]}))
     out = tmp_path / "labelled"
     assert tile_main([str(slides), "--out", str(out), "--workers", "1", "--annotations", str(annotations)]) == 0
+    assert ("1 of 2 slide(s) have no annotation file in " f"{annotations} (e.g. broken.svs)") in capsys.readouterr().out
     with h5py.File(tmp_path / "labelled_index" / "cmu.h5") as handle:
         labels = dict(zip(map(tuple, handle["coords"][:]), [l.decode() for l in handle["label"][:]]))
         fractions = handle["tumor_fraction"][:]
@@ -118,6 +119,74 @@ def test_an_annotation_polygon_labels_exactly_the_tiles_inside_it(slides, tiled,
     rows = list(csv.DictReader(open(tmp_path / "labelled_index" / "patch_labels.csv")))
     assert sum(r["label"] == "tumor" for r in rows) == len(covered)
     assert all((tmp_path / "labelled_index" / r["path"]).is_file() for r in rows)  # paths evaluate_knn.py can read
+
+
+def coarse(slides, out, *extra):
+    """Tile at 4 um/px into 32 px patches (256 level-0 pixels, about 35 tiles): quick."""
+    return tile_main([str(slides), "--out", str(out), "--workers", "1", "--mpp", "4", "--size", "32", *extra])
+
+
+def test_a_slide_without_annotation_file_is_labelled_normal_throughout(slides, tmp_path, capsys):
+    (tmp_path / "annotations").mkdir()  # Camelyon16's normal slides have no XML
+    assert coarse(slides, tmp_path / "p", "--annotations", str(tmp_path / "annotations")) == 0
+    assert "2 of 2 slide(s) have no annotation file" in capsys.readouterr().out
+    with h5py.File(tmp_path / "p_index" / "cmu.h5") as handle:
+        tiles, fractions = len(handle["coords"]), handle["tumor_fraction"][:]
+    assert 20 <= tiles <= 50 and fractions.tolist() == [0.0] * tiles
+    rows = list(csv.DictReader(open(tmp_path / "p_index" / "patch_labels.csv")))
+    assert len(rows) == tiles and {r["label"] for r in rows} == {"normal"} and {r["slide"] for r in rows} == {"cmu"}
+
+
+def test_a_missing_annotation_folder_is_refused(slides, tmp_path, capsys):
+    assert coarse(slides, tmp_path / "p", "--annotations", str(tmp_path / "nope")) == 2
+    assert f"error: --annotations {tmp_path / 'nope'} does not exist" in capsys.readouterr().out
+    assert not (tmp_path / "p").exists()
+
+
+def test_every_slide_needs_a_class_before_anything_is_tiled(slides, tmp_path, capsys):
+    classes = tmp_path / "slides.csv"
+    classes.write_text("slide,label\ncmu,tumor\n")
+    assert coarse(slides, tmp_path / "p", "--classes", str(classes)) == 2
+    assert (f"error: --classes {classes} lists no class for 1 slide(s): broken; add them to it, or drop --classes"
+            in capsys.readouterr().out)
+    assert not (tmp_path / "p").exists()
+    classes.write_text("slide,label\ncmu,tumor\nbroken,normal\n")
+    assert coarse(slides, tmp_path / "p", "--classes", str(classes)) == 0
+    assert [p.name for p in (tmp_path / "p").iterdir()] == ["tumor"]
+    assert 20 <= len(list((tmp_path / "p" / "tumor" / "cmu").glob("*.png"))) <= 50
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--overlap", "1", "--overlap 1.0 must be in [0, 1)"), ("--mpp", "0", "--mpp 0.0 must be above 0"),
+    ("--size", "0", "--size 0 must be at least 1"), ("--min_tissue", "1.5", "--min_tissue 1.5 must be in [0, 1]")])
+def test_impossible_flags_are_refused_before_any_slide_is_read(slides, tmp_path, capsys, flag, value, message):
+    assert tile_main([str(slides), "--out", str(tmp_path / "p"), flag, value]) == 2
+    assert capsys.readouterr().out.startswith(f"error: {message}")
+    assert not (tmp_path / "p").exists() and not (tmp_path / "p_index").exists()
+
+
+def test_a_slide_that_fails_half_way_leaves_no_patches(slides, tmp_path, capsys):
+    # A folder where the slide's index belongs: cmu's patches are all read before moving it in fails.
+    (tmp_path / "p_index" / "cmu.h5").mkdir(parents=True)
+    assert coarse(slides, tmp_path / "p") == 2
+    assert f"error: none of the 2 slide(s) could be tiled; the reasons are in {tmp_path / 'p_index'}" in capsys.readouterr().out
+    failed = (tmp_path / "p_index" / "failed_slides.txt").read_text().splitlines()
+    assert [line.split("\t")[0] for line in failed] == [str(slides / "broken.svs"), str(slides / "cmu.svs")]
+    assert "Is a directory" in failed[1]
+    assert list((tmp_path / "p").rglob("*")) == []
+    assert sorted(p.name for p in (tmp_path / "p_index").iterdir()) == ["cmu.h5", "failed_slides.txt", "tiles.csv"]
+
+
+def test_retiling_replaces_a_slides_patches_and_out_can_be_the_current_folder(slides, tmp_path, monkeypatch):
+    (tmp_path / "p").mkdir()
+    monkeypatch.chdir(tmp_path / "p")
+    assert coarse(slides, ".") == 0
+    first = sorted(p.name for p in (tmp_path / "p" / "cmu").iterdir())
+    assert coarse(slides, ".", "--size", "64") == 0  # tiles twice as large: fewer, at other corners
+    second = sorted(p.name for p in (tmp_path / "p" / "cmu").iterdir())
+    with h5py.File(tmp_path / "p_index" / "cmu.h5") as handle:
+        assert second == sorted(f"{x}_{y}.png" for x, y in handle["coords"][:])
+    assert 0 < len(second) < len(first) / 2
 
 
 def painted_colours(picture_path, slide_path, rows, map_mpp=4.0):
@@ -157,6 +226,45 @@ def test_heatmap_colours_tiles_by_score(slides, tiled, tmp_path):
     inferno = matplotlib.colormaps["inferno"]
     for i in (0, len(rows) // 2, len(rows) - 1):
         assert np.abs(colours[i] - np.array(inferno(i / (len(rows) - 1))[:3]) * 255).max() < 4
+
+
+def write_scores(path, rows, header=("x", "y", "score")):
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def test_tiles_without_a_score_are_counted_and_drawn_grey(slides, tiled, tmp_path, capsys):
+    out, coords = tiled[0], tiled[1]
+    scored = [(x, y, i) for i, (x, y) in enumerate(coords[::2])]  # every other tile
+    scores = write_scores(tmp_path / "scores.csv", scored)
+    assert slidemap_main(["--scores", str(scores), "--slide", str(slides / "cmu.svs"), "--patches", str(out),
+                          "--out", str(tmp_path / "maps")]) == 0
+    unscored = len(coords) - len(scored)
+    assert f"{unscored} of {len(coords)} tiles of cmu have no score in {scores}; drawn grey" in capsys.readouterr().out
+    rows = [{"x": x, "y": y} for x, y in coords]
+    colours = painted_colours(tmp_path / "maps" / "cmu_heatmap.png", slides / "cmu.svs", rows)
+    inferno = matplotlib.colormaps["inferno"]
+    for i, colour in enumerate(colours):
+        expected = np.array(inferno(i // 2 / (len(scored) - 1))[:3]) * 255 if i % 2 == 0 else np.full(3, 128)
+        assert np.abs(colour - expected).max() < 4
+
+
+@pytest.mark.parametrize("case, message", [
+    ("wrong column", "scores.csv: needs columns x, y, score; missing score"),
+    ("fractional x", "scores.csv, line 2: x='10.5', y='0', score='1'; x and y must be whole level-0 pixels"),
+    ("no scores file", "error: --scores {tmp}/absent.csv does not exist: pass a CSV with columns x, y, score"),
+    ("no annotation file", "error: --annotations {tmp}/nope.xml does not exist: pass an ASAP .xml"),
+])
+def test_unusable_scores_and_annotations_are_refused_by_name(slides, tiled, tmp_path, capsys, case, message):
+    header, rows = (("x", "y", "value"), [(0, 0, 1)]) if case == "wrong column" else (("x", "y", "score"), [("10.5", 0, 1)])
+    scores = tmp_path / "absent.csv" if case == "no scores file" else write_scores(tmp_path / "scores.csv", rows, header)
+    extra = ["--annotations", str(tmp_path / "nope.xml")] if case == "no annotation file" else []
+    assert slidemap_main(["--scores", str(scores), "--slide", str(slides / "cmu.svs"), "--patches", str(tiled[0]),
+                          "--out", str(tmp_path / "maps"), *extra]) == 2
+    assert message.format(tmp=tmp_path) in capsys.readouterr().out
 
 
 def test_a_checkpoint_without_clusters_cannot_draw_a_cluster_map(slides, tiled, tiny_demo, tmp_path, capsys):
