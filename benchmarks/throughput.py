@@ -93,7 +93,7 @@ def main() -> None:
 
     if args.make_patches:
         make_patches(args.patches, args.make_patches, args.patch_size)
-    files = find_images(args.patches)
+    files = find_images(args.patches, "--patches")
     device = resolve_device(args.device)
     config = parse_config(["--model_type", args.model_type, "--batch_size", str(args.batch_size), "--device", str(device)])
     on_gpu = device.type == "cuda"

@@ -15,10 +15,13 @@ from typing import Any
 
 import torch
 
+from clusiam.atomic import write_atomically
 from clusiam.errors import UserError
 from clusiam.models import PretrainModel
 
 FORMAT_VERSION = 1
+REQUIRED_KEYS = ("epoch", "step", "state_dict", "config", "normalization")
+ARCHITECTURE_OPTIONS = ("model_type", "backbone", "feat_size", "num_clusters")  # what builds the network
 
 
 class CheckpointError(UserError):
@@ -26,16 +29,8 @@ class CheckpointError(UserError):
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
-    """Write ``state`` to ``path`` via a temporary file and a rename, so a crash never
-    leaves a half-written checkpoint under the final name."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    try:
-        torch.save({"format_version": FORMAT_VERSION, **state}, temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    """Write ``state`` to ``path`` atomically: a crash never leaves a half-written checkpoint."""
+    write_atomically(path, lambda temporary: torch.save({"format_version": FORMAT_VERSION, **state}, temporary))
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -47,7 +42,11 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise CheckpointError(f"{path} is not a readable clusiam checkpoint ({type(error).__name__}: {error})") from error
-    missing = [key for key in ("epoch", "state_dict", "config") if key not in state]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a clusiam checkpoint (the dict pretrain.py writes)")
+    missing = [key for key in REQUIRED_KEYS if key not in state]
+    if isinstance(state.get("config"), dict):
+        missing += [f"config.{key}" for key in ARCHITECTURE_OPTIONS if key not in state["config"]]
     if missing:
         raise CheckpointError(f"{path} is not a clusiam checkpoint: it lacks {', '.join(missing)}")
     return state

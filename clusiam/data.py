@@ -21,6 +21,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from clusiam.atomic import write_atomically
 from clusiam.errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -47,9 +48,9 @@ def find_files(root: str | os.PathLike, extensions: Sequence[str], noun: str, fo
     return files
 
 
-def find_images(root: str | os.PathLike) -> list[Path]:
-    """All patch images under ``root`` at any depth."""
-    return find_files(root, IMAGE_EXTENSIONS, "images", "pass a folder of patch images, or no DATA_DIR for the demo",
+def find_images(root: str | os.PathLike, option: str) -> list[Path]:
+    """All patch images under ``root`` at any depth; ``option`` names where ``root`` came from."""
+    return find_files(root, IMAGE_EXTENSIONS, "images", f"give {option} a folder of patch images",
                       "check the path, or tile slides into patches first")
 
 
@@ -193,14 +194,15 @@ def cached_channel_statistics(
     same file list (same paths, sizes and modification times) and recomputed otherwise."""
     key = file_list_key(files)
     if cache_path.is_file():
-        cached = json.loads(cache_path.read_text())
+        try:
+            cached = json.loads(cache_path.read_text())
+        except ValueError:  # a damaged cache is only a cache: compute the statistics again
+            cached = {}
         if cached.get("file_list_key") == key:
             return cached["mean"], cached["std"]
     mean, std = channel_statistics(files, num_workers)
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = cache_path.with_suffix(".tmp")
-    temporary.write_text(json.dumps({"file_list_key": key, "num_files": len(files), "mean": mean, "std": std}))
-    os.replace(temporary, cache_path)
+    record = {"file_list_key": key, "num_files": len(files), "mean": mean, "std": std}
+    write_atomically(cache_path, lambda temporary: temporary.write_text(json.dumps(record)))
     return mean, std
 
 
@@ -228,7 +230,7 @@ def read_labelled_patches(source: str | os.PathLike) -> LabelledPatches:
         if unassigned:
             raise DataError(f"{source}: {len(unassigned)} rows have no slide or label, e.g. {unassigned[0]}")
         return LabelledPatches(paths, [row["label"] for row in rows], [row["slide"] for row in rows])
-    files = find_images(source)
+    files = find_images(source, "--train / --test")
     shallow = [p for p in files if len(p.relative_to(source).parts) < 3]
     if shallow:
         raise DataError(
@@ -279,15 +281,28 @@ def file_digest(path: Path) -> str:
 
 
 def read_csv_rows(path: str | os.PathLike, columns: Sequence[str]) -> list[dict[str, str]]:
-    """The rows of a CSV with a header, refusing a missing file or missing columns."""
+    """The rows of a CSV with a header, refusing a missing file, missing columns, no rows or a
+    row whose fields do not match the header. A UTF-8 byte-order mark (Excel's "CSV UTF-8")
+    is fine."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path} does not exist")
-    with open(path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    missing = [c for c in columns if c not in (rows[0] if rows else {})]
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            rows = list(reader)
+            header = reader.fieldnames or []
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not UTF-8 text: save it as CSV (UTF-8)") from None
+    missing = [c for c in columns if c not in header]
     if missing:
         raise DataError(f"{path}: needs columns {', '.join(columns)}; missing {', '.join(missing)}")
+    if not rows:
+        raise DataError(f"{path} has a header but no rows")
+    for line, row in enumerate(rows, start=2):
+        if None in row or None in row.values():  # more fields than the header, or fewer
+            raise DataError(f"{path}, line {line}: not the header's {len(header)} fields "
+                            "(a comma inside a value needs quotes)")
     return rows
 
 

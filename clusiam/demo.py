@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,7 +30,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from clusiam.augment import RGB_FROM_HED
+from clusiam.config import ConfigError
 from clusiam.data import write_csv
+from clusiam.errors import run_command
 
 CMU_SLIDE = Path(__file__).parent / "assets" / "cmu_small_region.svs"
 DEMO_VERSION = 2
@@ -169,13 +172,16 @@ def write_cmu_patches(root: Path, patch_size: int, min_tissue: float = 0.5) -> i
 
 
 def prepare_demo(root: str | Path, spec: DemoSpec = DemoSpec()) -> Path:
-    """Write the demo set under ``root`` (``synthetic/`` and ``cmu1/``) unless the same
-    version and spec are already there; return ``root``."""
+    """Write the demo set under ``root`` (``synthetic/`` and ``cmu1/``, which belong to the
+    demo) unless the same version and spec are already there; return ``root``."""
     root = Path(root)
     marker = root / "demo.json"
     wanted = {"version": DEMO_VERSION, **asdict(spec)}
     if marker.is_file() and json.loads(marker.read_text()) == wanted:
         return root
+    marker.unlink(missing_ok=True)
+    for folder in ("synthetic", "cmu1"):  # another spec's patches must not stay beside this one's
+        shutil.rmtree(root / folder, ignore_errors=True)
     write_synthetic(root / "synthetic", spec)
     if spec.cmu_patches:
         write_cmu_patches(root / "cmu1", spec.patch_size)
@@ -183,7 +189,15 @@ def prepare_demo(root: str | Path, spec: DemoSpec = DemoSpec()) -> Path:
     return root
 
 
-def main(argv: list[str] | None = None) -> None:
+def check_spec(spec: DemoSpec) -> DemoSpec:
+    """Refuse a spec that cannot make the demo's slide-disjoint train / test split."""
+    for name, least in (("patch_size", 8), ("slides_per_class", 2), ("grid", 1)):
+        if getattr(spec, name) < least:
+            raise ConfigError(f"--{name} must be at least {least} (got {getattr(spec, name)})")
+    return spec
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m clusiam.demo", description="Write the clusiam demo patch set.")
     parser.add_argument("out", type=Path, help="folder to write the demo set into")
     parser.add_argument("--seed", type=int, default=DemoSpec.seed)
@@ -193,8 +207,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no_cmu", dest="cmu_patches", action="store_false", help="synthetic slides only")
     args = parser.parse_args(argv)
     out = args.__dict__.pop("out")
-    print(f"demo set written to {prepare_demo(out, DemoSpec(**vars(args)))}")
+    return run_command(lambda: print(f"demo set written to {prepare_demo(out, check_spec(DemoSpec(**vars(args))))}"))
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -16,6 +16,16 @@ def run_command(action: Callable[[], object]) -> int:
         action()
     except UserError as error:
         rank = int(os.environ.get("RANK", "0"))
-        print(f"error{f' (rank {rank})' if rank else ''}: {error}", flush=True)  # one write: lines of ranks do not mix
+        print(f"error{f' (rank {rank})' if rank else ''}: {message(error)}", flush=True)  # one write: ranks do not mix
         return 2
     return 0
+
+
+def message(error: UserError) -> str:
+    """The error's own message. Raised in a DataLoader worker, it comes back with the worker's
+    traceback in front ("Caught DataError in DataLoader worker process 0. Original Traceback
+    ..."), which is not what the user needs to read: keep what follows the last "DataError: "."""
+    text = str(error)
+    if "\nOriginal Traceback" not in text:
+        return text
+    return text.rstrip().rsplit(f"{type(error).__name__}: ", 1)[-1]

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 from torchvision import models
 
+from clusiam.atomic import write_atomically
 from clusiam.backbones import backbone_family, build_timm
 from clusiam.checkpoint import load_pretrained
 from clusiam.data import file_digest
@@ -96,22 +96,12 @@ def metadata(state: dict, fmt: str, bgr: bool, checkpoint: Path) -> dict:
         "format": fmt, "architecture": config["backbone"],
         "input_channel_order": "BGR" if bgr else "RGB",
         "normalization": {"mean": [mean[i] for i in order], "std": [std[i] for i in order], "scale": "pixel values / 255"},
-        "patch_size": config["image_size"],
+        "patch_size": config.get("image_size"),
         "patch_mpp": config.get("patch_mpp"),  # pretrain.py --patch_mpp; None when not given
         "method": config["model_type"], "settings": {k: config.get(k) for k in SETTINGS},
         "epochs_trained": state["epoch"], "source_checkpoint": str(checkpoint),
         "source_sha256": file_digest(checkpoint),
     }
-
-
-def save_atomically(write, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def export(checkpoint: Path, fmt: str, out: Path, bgr: bool = False, safetensors: bool = False) -> Path:
@@ -120,6 +110,8 @@ def export(checkpoint: Path, fmt: str, out: Path, bgr: bool = False, safetensors
         raise ExportError("--bgr applies to --format lpd (LPD reads images with OpenCV)")
     if safetensors and fmt == "lpd":
         raise ExportError("--safetensors cannot go with --format lpd: LPD reads ./pretrained/mit_b1.pth with torch.load")
+    if out.suffix == ".json":
+        raise ExportError(f"--out {out}: the weights need their own name; the JSON is written beside them")
     model, state = load_pretrained(checkpoint)
     backbone = state["config"]["backbone"]
     family = backbone_family(backbone)
@@ -128,15 +120,15 @@ def export(checkpoint: Path, fmt: str, out: Path, bgr: bool = False, safetensors
                           f"{BACKBONES_OF_FORMAT[fmt]}")
     weights = export_state(model.backbone, fmt, bgr)
     check_state(weights, fmt, backbone)
+    info = metadata(state, fmt, bgr, Path(checkpoint))  # before any write: a failure leaves nothing
     if safetensors:
         from safetensors.torch import save_file
 
         out = out.with_suffix(".safetensors")
-        save_atomically(lambda path: save_file(weights, str(path)), out)
+        write_atomically(out, lambda path: save_file(weights, str(path)))
     else:
-        save_atomically(lambda path: torch.save(weights, path), out)
-    info = metadata(state, fmt, bgr, Path(checkpoint))
-    save_atomically(lambda path: path.write_text(json.dumps(info, indent=2)), out.with_suffix(".json"))
+        write_atomically(out, lambda path: torch.save(weights, path))
+    write_atomically(out.with_suffix(".json"), lambda path: path.write_text(json.dumps(info, indent=2)))
     print(f"wrote {out} ({len(weights)} tensors, {sum(t.numel() for t in weights.values()):,} values) and {out.with_suffix('.json')}")
     return out
 

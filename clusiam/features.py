@@ -8,7 +8,6 @@ its share into a part file and rank 0 assembles them in the original order.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -20,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from clusiam.atomic import write_atomically
 from clusiam.data import DataError, file_list_key, load_rgb, uint8_tensor
 from clusiam.distributed import barrier, is_main, main_computes, rank, shard, world_size
 from clusiam.models import PretrainModel
@@ -98,15 +98,16 @@ def encode(encoder: nn.Module, files: Sequence[Path], mean: Sequence[float], std
 
 def write_features(path: Path, compute: Callable[[Callable[[tuple[int, int]], np.ndarray]], np.ndarray]) -> None:
     """Write the (N, D) float32 features that ``compute(allocate)`` produces to ``path``
-    (.npy) through a memory map and a rename, so a crash never leaves a partial file."""
-    temporary = path.with_name(path.stem + ".tmp.npy")
-    out = compute(lambda shape: np.lib.format.open_memmap(temporary, mode="w+", dtype=np.float32, shape=shape))
-    if isinstance(out, np.memmap):
-        out.flush()
-    else:  # nothing was allocated (no files)
-        np.save(temporary, out)
-    del out
-    os.replace(temporary, path)
+    (.npy) through a memory map, atomically."""
+
+    def write(temporary: Path) -> None:
+        out = compute(lambda shape: np.lib.format.open_memmap(temporary, mode="w+", dtype=np.float32, shape=shape))
+        if isinstance(out, np.memmap):
+            out.flush()
+        else:  # nothing was allocated (no files)
+            np.save(temporary, out)
+
+    write_atomically(path, write)
 
 
 def cached_encode(cache_dir: Path, identity: str, encoder: nn.Module, files: Sequence[Path],

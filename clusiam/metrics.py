@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Sequence
@@ -22,6 +21,7 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
 )
 
+from clusiam.atomic import write_atomically
 from clusiam.distributed import is_main
 from clusiam.errors import run_command
 
@@ -89,9 +89,7 @@ def write_per_slide_accuracy(path: Path, slides: Sequence[str], y_true: Sequence
 
 def save_report(out: Path, report: dict, markdown: Sequence[str]) -> None:
     """``report.json`` (everything, written atomically) and ``report.md`` (the tables a person reads)."""
-    temporary = out / "report.json.tmp"
-    temporary.write_text(json.dumps(report, indent=2))
-    os.replace(temporary, out / "report.json")
+    write_atomically(out / "report.json", lambda temporary: temporary.write_text(json.dumps(report, indent=2)))
     (out / "report.md").write_text("\n".join(markdown) + "\n")
 
 

@@ -33,7 +33,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from clusiam.augment import BatchViews, TwoViews, ViewRecipe, paper_augmentation
-from clusiam.checkpoint import load_checkpoint, save_checkpoint
+from clusiam.checkpoint import ARCHITECTURE_OPTIONS, load_checkpoint, save_checkpoint
 from clusiam.config import ConfigError, parse_config
 from clusiam.data import DataError, PatchDataset, cached_channel_statistics, check_images, find_images, uint8_tensor
 from clusiam.demo import prepare_demo
@@ -45,7 +45,6 @@ from clusiam.models import Method, PretrainModel, PretrainOutput
 from clusiam.monitor import CLUSTER_DIAGNOSTICS, cluster_diagnostics, collapse_warnings, projection_std
 
 # Options that define the network: a checkpoint can only resume a run that agrees on them.
-ARCHITECTURE_OPTIONS = ("model_type", "backbone", "feat_size", "num_clusters")
 
 
 class NonFiniteLossError(UserError):
@@ -123,7 +122,7 @@ def prepare_files(args: argparse.Namespace, save_path: Path) -> list[Path]:
     if data_dir is None:
         data_dir = main_computes(lambda: prepare_demo(save_path / "demo_data"))
         print_rank_zero(f"no DATA_DIR given: training on the built-in demo set in {data_dir}")
-    files = find_images(data_dir)
+    files = find_images(data_dir, "DATA_DIR (or none, for the built-in demo)")
 
     def usable() -> list[bool]:
         good = set(check_images(files, args.image_size, args.skip_bad_files, save_path / "skipped_files.txt",
@@ -215,6 +214,9 @@ def step_diagnostics(output: PretrainOutput) -> dict[str, float]:
 def load_resumable(path: Path, args: argparse.Namespace) -> dict:
     """The checkpoint to resume from, refused unless it has this run's architecture."""
     checkpoint = load_checkpoint(path)
+    if "optimizer" not in checkpoint:
+        raise ConfigError(f"--resume {path} holds no optimizer state, so training cannot continue from it: "
+                          "start a new run (its weights can still be evaluated and exported)")
     for option in ARCHITECTURE_OPTIONS:
         if checkpoint["config"][option] != getattr(args, option):
             raise ConfigError(f"--resume {path} was trained with --{option} {checkpoint['config'][option]}, "

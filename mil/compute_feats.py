@@ -15,7 +15,6 @@ encodes its share of the slides.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from clusiam.atomic import write_atomically
 from clusiam.checkpoint import load_pretrained
 from clusiam.data import DataError, file_digest, find_images, read_table
 from clusiam.distributed import barrier, is_main, main_computes, processes, shard
@@ -33,6 +33,7 @@ from clusiam.errors import run_command
 from clusiam.features import FEATURE_TYPES, encode, feature_extractor
 
 COORDINATE_NAME = re.compile(r"^(\d+)_(\d+)$")
+ENCODING_ATTRIBUTES = ("checkpoint_sha256", "feature", "resize")  # what decides a bag's features
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 def slide_patches(root: Path) -> dict[str, list[Path]]:
     """Patch files grouped by slide (the folder that holds them); slide names must be unique."""
     by_folder: dict[Path, list[Path]] = defaultdict(list)
-    for path in find_images(root):
+    for path in find_images(root, "--patches"):
         by_folder[path.parent].append(path)
     slides: dict[str, list[Path]] = {}
     for folder, files in sorted(by_folder.items()):
@@ -84,16 +85,18 @@ def is_done(path: Path, encoding: dict) -> bool:
 
 
 def write_bag(path: Path, features: np.ndarray, files: Sequence[Path], root: Path, attributes: dict) -> None:
-    """Write one slide's bag atomically (temporary file, then rename)."""
-    temporary = path.with_name(path.name + ".tmp")
-    with h5py.File(temporary, "w") as handle:
-        handle["features"] = features.astype(np.float32)
-        handle["paths"] = [str(p.relative_to(root)) for p in files]
-        coords = coordinates(files)
-        if coords is not None:
-            handle["coords"] = coords
-        handle.attrs.update(attributes)
-    os.replace(temporary, path)
+    """Write one slide's bag atomically."""
+
+    def write(temporary: Path) -> None:
+        with h5py.File(temporary, "w") as handle:
+            handle["features"] = features.astype(np.float32)
+            handle["paths"] = [str(p.relative_to(root)) for p in files]
+            coords = coordinates(files)
+            if coords is not None:
+                handle["coords"] = coords
+            handle.attrs.update(attributes)
+
+    write_atomically(path, write)
 
 
 def compute(args: argparse.Namespace) -> dict[str, int]:
@@ -106,9 +109,8 @@ def compute_on(device: torch.device, args: argparse.Namespace) -> dict[str, int]
     root, out = Path(args.patches), Path(args.out)
     model, state = load_pretrained(args.checkpoint)
     encoder = feature_extractor(model, args.feature)
-    # What decides the features; HDF5 attributes cannot hold None, so no resize is stored as 0.
-    encoding = {"checkpoint_sha256": file_digest(Path(args.checkpoint)), "feature": args.feature,
-                "resize": args.resize or 0}
+    # HDF5 attributes cannot hold None, so no resize is stored as 0.
+    encoding = dict(zip(ENCODING_ATTRIBUTES, (file_digest(Path(args.checkpoint)), args.feature, args.resize or 0)))
     attributes = {**encoding, "checkpoint": str(args.checkpoint),
                   "model_type": state["config"]["model_type"], "backbone": state["config"]["backbone"]}
     slides = slide_patches(root)

@@ -34,6 +34,7 @@ from tqdm import tqdm
 from clusiam.config import ConfigError, resolve_device
 from clusiam.data import DataError, read_table, write_csv
 from clusiam.metrics import report_command, save_report
+from mil.compute_feats import ENCODING_ATTRIBUTES
 from mil.dsmil import AGGREGATORS
 
 SPLITS = ("train", "val", "test")
@@ -120,15 +121,36 @@ def runs(split: dict[str, str], labels: dict[str, str], folds: int, seeds: int, 
             for run_seed in range(seeds) for fold, (train, val) in enumerate(partitions)]
 
 
+def check_bags(folder: Path, slides: Sequence[str]) -> None:
+    """Before any training: every slide has a bag with patches, and all bags were made alike
+    (one feature width, checkpoint, feature type and resize). Only shapes and attributes are
+    read here; the test slides' features stay unread until the end."""
+    missing = [s for s in slides if not (folder / f"{s}.h5").is_file()]
+    if missing:
+        raise DataError(f"{len(missing)} slide(s) have no features in {folder}, e.g. {missing[0]}.h5: "
+                        "run mil.compute_feats, or drop them from the labels")
+    first: tuple[str, tuple] | None = None
+    for slide in slides:
+        path = folder / f"{slide}.h5"
+        try:
+            with h5py.File(path, "r") as handle:
+                shape = handle["features"].shape
+                made = (shape[1:], *(handle.attrs.get(name) for name in ENCODING_ATTRIBUTES))
+        except (OSError, KeyError) as error:
+            raise DataError(f"{path} is not a feature bag ({error}): run mil.compute_feats again for {slide}") from None
+        if shape[0] == 0:
+            raise DataError(f"{path} holds no patches")
+        if first is None:
+            first = (slide, made)
+        elif made != first[1]:
+            raise DataError(f"{folder}: the bags of {first[0]} and {slide} were made differently (feature shape, "
+                            f"checkpoint SHA-256, feature, resize: {first[1]} and {made}); encode every slide alike")
+
+
 def load_bag(folder: Path, slide: str, label: str, device: torch.device) -> Bag:
-    path = folder / f"{slide}.h5"
-    if not path.is_file():
-        raise DataError(f"no features for slide {slide}: {path} is missing (run mil.compute_feats, or drop the slide from the labels)")
-    with h5py.File(path, "r") as handle:
+    with h5py.File(folder / f"{slide}.h5", "r") as handle:
         features = torch.from_numpy(handle["features"][:]).float().to(device)
         coords = handle["coords"][:] if "coords" in handle else None
-    if len(features) == 0:
-        raise DataError(f"{path} holds no patches")
     return Bag(slide, label, features, coords)
 
 
@@ -248,15 +270,19 @@ def evaluate(args: argparse.Namespace) -> dict:
         raise ConfigError(f"--positive {positive!r} must be one of the classes {', '.join(classes)}")
     if args.folds < 0 or args.folds == 1:
         raise ConfigError(f"--folds {args.folds}: use 0 (the split's val) or K >= 2 folds")
+    for name in ("epochs", "seeds"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name} must be at least 1 (got {getattr(args, name)})")
     split = read_table(args.split, ("slide", "split")) if args.split else \
         make_split(labels, args.test_fraction, args.val_fraction, args.split_seed)
     unsplit = sorted(set(labels) - set(split))
     if unsplit:
         raise DataError(f"{len(unsplit)} labelled slide(s) are in no split, e.g. {unsplit[0]}: add them to {args.split}")
     check_split(split, labels, args.folds)
+    folder = Path(args.feats)
+    check_bags(folder, sorted(split))
     targets = Targets(classes, positive, args.num_classes)
     device = resolve_device(args.device)
-    folder = Path(args.feats)
     bags = {s: load_bag(folder, s, labels[s], device) for s in sorted(split) if split[s] != "test"}
     feature_dim = next(iter(bags.values())).features.shape[1]
 

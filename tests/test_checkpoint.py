@@ -4,12 +4,18 @@ import torch
 from clusiam.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 
+def checkpoint_state(epoch: int, **config) -> dict:
+    return {"epoch": epoch, "step": 4 * epoch, "state_dict": {"w": torch.full((3,), float(epoch))},
+            "normalization": {"mean": [0.5] * 3, "std": [0.2] * 3},
+            "config": {"model_type": "clusiam", "backbone": "resnet18", "feat_size": 64, "num_clusters": 4, **config}}
+
+
 def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path):
     path = tmp_path / "last.pth"
-    save_checkpoint({"epoch": 1, "state_dict": {"w": torch.ones(3)}, "config": {}}, path)
+    save_checkpoint(checkpoint_state(1), path)
     before = path.read_bytes()
     with pytest.raises(Exception):
-        save_checkpoint({"epoch": 2, "state_dict": {"w": torch.zeros(3)}, "config": {"bad": lambda: 0}}, path)
+        save_checkpoint(checkpoint_state(2, bad=lambda: 0), path)
     assert path.read_bytes() == before
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
     assert load_checkpoint(path)["epoch"] == 1
@@ -19,8 +25,16 @@ def test_loading_refuses_what_is_not_a_clusiam_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.pth")
     torch.save({"model": torch.ones(2)}, tmp_path / "other.pth")
-    with pytest.raises(CheckpointError, match="lacks epoch, state_dict, config"):
+    with pytest.raises(CheckpointError, match="lacks epoch, step, state_dict, config, normalization"):
         load_checkpoint(tmp_path / "other.pth")
+    torch.save(torch.ones(2), tmp_path / "tensor.pth")
+    with pytest.raises(CheckpointError, match="holds a Tensor, not a clusiam checkpoint"):
+        load_checkpoint(tmp_path / "tensor.pth")
+    state = checkpoint_state(1)
+    del state["config"]["backbone"]
+    torch.save(state, tmp_path / "no_backbone.pth")
+    with pytest.raises(CheckpointError, match="lacks config.backbone"):
+        load_checkpoint(tmp_path / "no_backbone.pth")
     (tmp_path / "text.pth").write_text("hello")
     with pytest.raises(CheckpointError, match="not a readable clusiam checkpoint"):
         load_checkpoint(tmp_path / "text.pth")

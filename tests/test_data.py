@@ -12,6 +12,7 @@ from clusiam.data import (
     check_images,
     find_images,
     load_rgb,
+    read_table,
 )
 from clusiam.train import main
 from conftest import tiny_run_args
@@ -31,19 +32,19 @@ def png_bytes(size=40):
 
 
 def test_a_missing_or_empty_folder_is_refused_with_its_name(tmp_path):
-    with pytest.raises(DataError, match=f"{tmp_path / 'nope'} does not exist"):
-        find_images(tmp_path / "nope")
+    with pytest.raises(DataError, match=f"{tmp_path / 'nope'} does not exist: give --patches a folder of patch images"):
+        find_images(tmp_path / "nope", "--patches")
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     (tmp_path / "empty" / "sub" / "notes.txt").write_text("no patches here")
     with pytest.raises(DataError, match="no images .* found under .*empty"):
-        find_images(tmp_path / "empty")
+        find_images(tmp_path / "empty", "--patches")
 
 
 def test_images_are_found_at_any_depth_including_the_authors_layout(tmp_path):
     paths = [save_png(tmp_path / "tumor" / "slide_1" / "0_0.png"), save_png(tmp_path / "a.png"),
              save_png(tmp_path / "x" / "y" / "z" / "w" / "deep.PNG")]
     (tmp_path / "tumor" / "slide_1" / "coords.h5").write_bytes(b"not an image")
-    assert find_images(tmp_path) == sorted(paths)
+    assert find_images(tmp_path, "DATA_DIR") == sorted(paths)
 
 
 def write_bad(tmp_path, kind):
@@ -77,7 +78,7 @@ def test_each_bad_file_stops_the_run_naming_the_file(tmp_path, kind, reason):
     good = [save_png(tmp_path / "normal" / "slide" / f"{i}.png", seed=i) for i in range(3)]
     bad = write_bad(tmp_path, kind)
     with pytest.raises(DataError, match=reason) as error:
-        check_images(find_images(tmp_path), 32, skip_bad_files=False)
+        check_images(find_images(tmp_path, "DATA_DIR"), 32, skip_bad_files=False)
     assert str(bad) in str(error.value) and "--skip_bad_files" in str(error.value)
     assert check_images(good, 32, skip_bad_files=False) == good
 
@@ -98,7 +99,7 @@ def test_skip_bad_files_counts_and_lists_what_it_leaves_out(tmp_path, capsys):
     good = [save_png(tmp_path / "ok" / f"{i}.png", seed=i) for i in range(4)]
     bad = [write_bad(tmp_path, kind) for kind in ("empty", "truncated", "not_an_image", "too_small")]
     report = tmp_path / "run" / "skipped_files.txt"
-    kept = check_images(find_images(tmp_path), 32, skip_bad_files=True, report_path=report)
+    kept = check_images(find_images(tmp_path, "DATA_DIR"), 32, skip_bad_files=True, report_path=report)
     assert kept == sorted(good)
     assert "skipped 4 of 8 files" in capsys.readouterr().out
     listed = [line.split("\t")[0] for line in report.read_text().splitlines()]
@@ -143,6 +144,28 @@ def test_statistics_cache_is_reused_for_the_same_files_and_refreshed_when_they_c
     save_png(files[0], seed=42)  # same path, new content
     assert cached_channel_statistics(files, cache) == channel_statistics(files)
     assert cached_channel_statistics(files, cache) != first
+    cache.write_text('{"file_list_key": ')  # cut short: recomputed, not an error
+    assert cached_channel_statistics(files, cache) == channel_statistics(files)
+    assert json.loads(cache.read_text())["num_files"] == 3
+
+
+def test_a_slide_table_is_read_with_excels_byte_order_mark_and_refused_when_malformed(tmp_path):
+    excel = tmp_path / "excel.csv"
+    excel.write_bytes("slide,label\r\nnormal_001,normal\r\ntumor_001,tumor\r\n".encode("utf-8-sig"))
+    assert read_table(excel, ("slide", "label")) == {"normal_001": "normal", "tumor_001": "tumor"}
+    cases = {
+        "header.csv": ("slide,label\n", "has a header but no rows"),
+        "short.csv": ("slide,label\nnormal_001,normal\ntumor_001\n", "line 3: not the header's 2 fields"),
+        "long.csv": ("slide,label\nnormal_001,normal,extra\n", "line 2: not the header's 2 fields"),
+        "columns.csv": ("name,label\nnormal_001,normal\n", "needs columns slide, label; missing slide"),
+    }
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(DataError, match=f"{tmp_path / name}.*{message}"):
+            read_table(tmp_path / name, ("slide", "label"))
+    (tmp_path / "utf16.csv").write_text("slide,label\nnormal_001,normal\n", encoding="utf-16")
+    with pytest.raises(DataError, match="is not UTF-8 text"):
+        read_table(tmp_path / "utf16.csv", ("slide", "label"))
 
 
 def test_batched_augmentation_needs_patches_of_one_size(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 import tiffslide
 from PIL import Image
 
-from clusiam.demo import CMU_SLIDE, DemoSpec, prepare_demo, write_cmu_patches
+from clusiam.demo import CMU_SLIDE, DemoSpec, main, prepare_demo, write_cmu_patches
 
 SPEC = DemoSpec(seed=5, patch_size=32, slides_per_class=3, grid=6, cmu_patches=False)
 
@@ -26,6 +26,17 @@ def test_the_demo_is_deterministic_from_its_seed(demo, tmp_path):
     assert digest(prepare_demo(tmp_path / "again", SPEC) / "synthetic") == digest(demo)
     other = DemoSpec(seed=6, patch_size=32, slides_per_class=3, grid=6, cmu_patches=False)
     assert digest(prepare_demo(tmp_path / "other", other) / "synthetic") != digest(demo)
+
+
+def test_a_new_spec_in_the_same_folder_replaces_the_old_patches(tmp_path, capsys):
+    prepare_demo(tmp_path, SPEC)
+    smaller = DemoSpec(seed=5, patch_size=32, slides_per_class=2, grid=6, cmu_patches=False)
+    synthetic = prepare_demo(tmp_path, smaller) / "synthetic"
+    listed = {row["path"] for row in csv.DictReader(open(synthetic / "patch_labels.csv"))}
+    on_disk = {p.relative_to(synthetic).as_posix() for p in synthetic.rglob("*.png")}
+    assert on_disk == listed and len(on_disk) == 2 * 2 * 36
+    assert main([str(tmp_path / "bad"), "--slides_per_class", "1", "--no_cmu"]) == 2
+    assert "--slides_per_class must be at least 2 (got 1)" in capsys.readouterr().out
 
 
 def read_patches(demo):

@@ -155,6 +155,7 @@ def test_timm_export_loads_strictly_and_safetensors_hold_the_same_tensors(tiny_d
     ("timm", [], "--format timm needs a timm model"),
     ("torchvision", ["--bgr"], "--bgr applies to --format lpd"),
     ("lpd", ["--safetensors"], "--safetensors cannot go with --format lpd"),
+    ("torchvision", ["--out", "w.json"], "the weights need their own name"),
 ])
 def test_a_wrong_pairing_is_refused(tiny_checkpoint, tmp_path, capsys, fmt, extra, message):
     assert export_main([str(tiny_checkpoint), "--format", fmt, "--out", str(tmp_path / "x.pth"), *extra]) == 2

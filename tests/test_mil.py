@@ -6,6 +6,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from mil.compute_feats import main as compute_main
 from mil.dsmil import DSMIL, QUERY_DIM, MaxPooling, MeanPooling
@@ -170,6 +171,25 @@ def test_a_bad_split_is_refused(tmp_path, capsys, rows, message):
     assert code == 2 and message in capsys.readouterr().out
 
 
+def test_bags_are_checked_before_any_training(tmp_path, capsys):
+    labels = write_bags(tmp_path / "feats", slides_per_class=6)
+    write_labels(tmp_path / "slides.csv", labels)
+    args = ["--feats", str(tmp_path / "feats"), "--labels", str(tmp_path / "slides.csv"), "--out", str(tmp_path / "out"),
+            "--device", "cpu"]
+    assert train_main([*args, "--epochs", "0"]) == 2
+    assert "--epochs must be at least 1 (got 0)" in capsys.readouterr().out
+    bag = tmp_path / "feats" / "tumor_011.h5"
+    bag.unlink()
+    assert train_main(args) == 2
+    assert "1 slide(s) have no features in" in capsys.readouterr().out
+    with h5py.File(bag, "w") as handle:  # from an encoder of another width
+        handle["features"] = np.zeros((5, 16), np.float32)
+    assert train_main(args) == 2
+    out = capsys.readouterr().out
+    assert "were made differently" in out and "tumor_011" in out and "(32,)" in out and "(16,)" in out
+    assert not (tmp_path / "out").exists()  # refused before anything was trained or written
+
+
 def test_a_train_and_test_only_split_like_camelyons_official_one_needs_folds(tmp_path, capsys):
     labels = write_bags(tmp_path / "feats", slides_per_class=8)
     write_labels(tmp_path / "slides.csv", labels)
@@ -214,3 +234,17 @@ def test_compute_feats_writes_one_bag_per_slide_and_resumes(tiny_demo, tiny_chec
     assert "4 slides encoded, 0 already done" in capsys.readouterr().out
     with h5py.File(tmp_path / "feats" / "tumor_001.h5") as handle:
         assert handle.attrs["resize"] == 48 and handle["features"].shape == (16, 512)
+
+
+def test_a_corrupt_patch_met_in_a_loader_worker_is_one_error_line_naming_it(tiny_checkpoint, tmp_path, capsys):
+    slide = tmp_path / "patches" / "slide_a"
+    slide.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(slide / f"{32 * i}_0.png")
+    (slide / "96_0.png").write_bytes(b"not a png")  # the fourth patch, read by a worker
+    assert compute_main(["--checkpoint", str(tiny_checkpoint), "--patches", str(tmp_path / "patches"), "--out",
+                         str(tmp_path / "feats"), "--device", "cpu", "--num_workers", "2", "--batch_size", "2"]) == 2
+    out = capsys.readouterr().out
+    assert out.startswith(f"error: {slide / '96_0.png'}: cannot be decoded") and "Traceback" not in out
+    assert not list((tmp_path / "feats").glob("*.h5"))

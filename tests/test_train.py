@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from clusiam.checkpoint import load_checkpoint
+from clusiam.checkpoint import load_checkpoint, save_checkpoint
 from clusiam.config import ConfigError, parse_config
 from clusiam.models import PretrainModel
 from clusiam.train import build_optimizer, main, set_learning_rate, train
@@ -99,6 +99,10 @@ def test_resume_refuses_a_different_architecture(tiny_demo, tmp_path):
     first = train(parse_config(tiny_run_args(tiny_demo, tmp_path / "run", "--epochs", "1")))
     with pytest.raises(ConfigError, match="--num_clusters 8, not 9"):
         train(parse_config(tiny_run_args(tiny_demo, tmp_path / "run", "--resume", str(first), "--num_clusters", "9")))
+    weights_only = {k: v for k, v in load_checkpoint(first).items() if k != "optimizer"}
+    save_checkpoint(weights_only, tmp_path / "shared.pth")
+    with pytest.raises(ConfigError, match="holds no optimizer state"):
+        train(parse_config(tiny_run_args(tiny_demo, tmp_path / "run", "--resume", str(tmp_path / "shared.pth"))))
 
 
 def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_demo, tmp_path, capsys):
