@@ -124,16 +124,25 @@ def tissue_mask(thumbnail: np.ndarray, mask_mpp: float, options: TilingOptions) 
 def read_annotations(path: Path) -> shapely.Geometry:
     """Tumour regions from ASAP XML (Camelyon16: groups _0/_1 tumour, _2 excluded) or
     GeoJSON (QuPath; every polygon counts), in level-0 pixels."""
-    if path.suffix.lower() == ".xml":
-        root = ElementTree.parse(path).getroot()
-        tumour, excluded = [], []
-        for annotation in root.iter("Annotation"):
-            points = sorted(annotation.iter("Coordinate"), key=lambda c: int(c.get("Order", 0)))
-            if len(points) < 3:
-                continue
-            polygon = Polygon([(float(p.get("X")), float(p.get("Y"))) for p in points]).buffer(0)
-            (excluded if annotation.get("PartOfGroup") in ASAP_EXCLUSION_GROUPS else tumour).append(polygon)
-        return shapely.difference(shapely.union_all(tumour), shapely.union_all(excluded))
+    try:
+        return read_asap(path) if path.suffix.lower() == ".xml" else read_geojson(path)
+    except Exception as error:  # the parsers and shapely raise many types; the file is the cause
+        raise DataError(f"{path} is not a readable annotation file ({type(error).__name__}: {error}): "
+                        "export it again from ASAP (.xml) or QuPath (.geojson)") from None
+
+
+def read_asap(path: Path) -> shapely.Geometry:
+    tumour, excluded = [], []
+    for annotation in ElementTree.parse(path).getroot().iter("Annotation"):
+        points = sorted(annotation.iter("Coordinate"), key=lambda c: int(c.get("Order", 0)))
+        if len(points) < 3:  # dots and lines mark no area
+            continue
+        polygon = Polygon([(float(p.get("X")), float(p.get("Y"))) for p in points]).buffer(0)
+        (excluded if annotation.get("PartOfGroup") in ASAP_EXCLUSION_GROUPS else tumour).append(polygon)
+    return shapely.difference(shapely.union_all(tumour), shapely.union_all(excluded))
+
+
+def read_geojson(path: Path) -> shapely.Geometry:
     data = json.loads(path.read_text())
     features = data["features"] if isinstance(data, dict) and "features" in data else data
     features = features if isinstance(features, list) else [features]

@@ -257,11 +257,18 @@ def test_tiles_without_a_score_are_counted_and_drawn_grey(slides, tiled, tmp_pat
     ("fractional x", "scores.csv, line 2: x='10.5', y='0', score='1'; x and y must be whole level-0 pixels"),
     ("no scores file", "error: --scores {tmp}/absent.csv does not exist: pass a CSV with columns x, y, score"),
     ("no annotation file", "error: --annotations {tmp}/nope.xml does not exist: pass an ASAP .xml"),
+    ("broken annotation file", "error: {tmp}/broken.xml is not a readable annotation file (ParseError"),
 ])
 def test_unusable_scores_and_annotations_are_refused_by_name(slides, tiled, tmp_path, capsys, case, message):
-    header, rows = (("x", "y", "value"), [(0, 0, 1)]) if case == "wrong column" else (("x", "y", "score"), [("10.5", 0, 1)])
+    header, rows = ("x", "y", "score"), [(*tiled[1][0], 1)]  # one good score, for the cases about annotations
+    if case == "wrong column":
+        header = ("x", "y", "value")
+    elif case == "fractional x":
+        rows = [("10.5", 0, 1)]
     scores = tmp_path / "absent.csv" if case == "no scores file" else write_scores(tmp_path / "scores.csv", rows, header)
-    extra = ["--annotations", str(tmp_path / "nope.xml")] if case == "no annotation file" else []
+    (tmp_path / "broken.xml").write_text("<ASAP_Annotations><Annotations><Annotation Name=")  # cut short
+    annotations = {"no annotation file": "nope.xml", "broken annotation file": "broken.xml"}.get(case)
+    extra = ["--annotations", str(tmp_path / annotations)] if annotations else []
     assert slidemap_main(["--scores", str(scores), "--slide", str(slides / "cmu.svs"), "--patches", str(tiled[0]),
                           "--out", str(tmp_path / "maps"), *extra]) == 2
     assert message.format(tmp=tmp_path) in capsys.readouterr().out
