@@ -58,16 +58,16 @@ def measure(step, batches, steps: int, warmup: int, device: torch.device) -> tup
     iterator = iter(batches)
     for _ in range(warmup):
         step(next(iterator))
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+    if device.type == "cuda":  # the device itself: the current one is cuda:0 whatever --device says
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
     for _ in range(steps):
         step(next(iterator))
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     seconds = (time.perf_counter() - started) / steps
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     return seconds, peak
 
 

@@ -45,6 +45,21 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def positive_minutes(text: str) -> float:
+    minutes = float(text)
+    if not minutes > 0:
+        raise argparse.ArgumentTypeError(f"must be positive minutes (got {text})")
+    return minutes
+
+
+def add_dist_timeout(parser: argparse.ArgumentParser | argparse._ArgumentGroup, longest_wait: str) -> None:
+    """``--dist_timeout``: how long a torchrun process waits in a collective before failing;
+    it has to cover the longest time one process works while the others wait."""
+    parser.add_argument("--dist_timeout", default=30.0, type=positive_minutes,
+                        help=f"under torchrun: minutes a process waits for the others in a collective before it "
+                             f"fails (covers {longest_wait})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="pretrain.py",
@@ -82,9 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     optim.add_argument("--precision", default="bf16", choices=["bf16", "fp32"],
                        help="bf16 autocast on GPU (the CPU always runs fp32)")
-    optim.add_argument("--dist_timeout", default=30.0, type=float,
-                       help="under torchrun: minutes a process waits for the others in a collective before it fails "
-                            "(covers rank 0 checking images and computing statistics at the start)")
+    add_dist_timeout(optim, "rank 0 checking images and computing statistics at the start")
 
     data = parser.add_argument_group("data")
     data.add_argument("--batch_size", default=512, type=int,
@@ -172,8 +185,6 @@ def parse_config(argv: Sequence[str] | None = None) -> argparse.Namespace:
         raise ConfigError(str(error)) from None
     if (args.mean is None) != (args.std is None):
         raise ConfigError("--mean and --std go together: give both or neither")
-    if args.dist_timeout <= 0:
-        raise ConfigError(f"--dist_timeout must be positive minutes (got {args.dist_timeout})")
     for name in ("epochs", "batch_size", "image_size", "print_freq", "save_freq", "feat_size"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name} must be at least 1 (got {getattr(args, name)})")

@@ -1,5 +1,5 @@
 """Running as one of several processes started by ``torchrun`` (one per GPU, any number of
-nodes), and the few collective operations the rest of clusiam needs.
+nodes sharing a file system), and the few collective operations the rest of clusiam needs.
 
 Without torchrun every helper here is the identity and nothing is initialised, so the
 single-process path is the plain one. Under torchrun, ``WORLD_SIZE``, ``RANK`` and
@@ -46,7 +46,10 @@ def processes(device_option: str, timeout_minutes: float = 30.0) -> Iterator[tor
     raises instead of waiting forever (torchrun itself ends the job when a peer dies).
     """
     if not launched_by_torchrun():
-        yield resolve_device(device_option)
+        device = resolve_device(device_option)
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device)  # for what defaults to the current GPU: faiss, synchronize, memory stats
+        yield device
         return
     local_rank = int(os.environ["LOCAL_RANK"])
     if device_option.startswith("cuda:"):
@@ -134,6 +137,22 @@ def check_replicas_agree(module: nn.Module) -> None:
         raise RuntimeError(f"the model replicas diverged across ranks{detail}: this is a bug, please report it")
 
 
-def shard(items: Sequence[T]) -> list[T]:
-    """This rank's share of ``items``: every world_size-th item from position rank."""
-    return list(items[rank()::world_size()])
+def shard(items: Sequence[T], sizes: Sequence[int] | None = None) -> list[T]:
+    """This rank's share of ``items``: every world_size-th item from position rank or, with
+    ``sizes``, the items :func:`balanced_owners` gives this rank, so that ranks holding big
+    and small slides finish together instead of idling at the next collective."""
+    if sizes is None:
+        return list(items[rank()::world_size()])
+    owners = balanced_owners(sizes, world_size())
+    return [item for item, owner in zip(items, owners) if owner == rank()]
+
+
+def balanced_owners(sizes: Sequence[int], processes: int) -> list[int]:
+    """The process of each item: largest first, each to the process with the least so far
+    (ties to the lowest rank), the same on every rank."""
+    loads, owners = [0] * processes, [0] * len(sizes)
+    for index in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        owner = loads.index(min(loads))
+        owners[index] = owner
+        loads[owner] += sizes[index]
+    return owners

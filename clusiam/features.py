@@ -71,6 +71,12 @@ def feature_extractor(model: PretrainModel, feature: str = "backbone") -> nn.Mod
     return model.backbone if feature == "backbone" else nn.Sequential(model.backbone, model.projector)
 
 
+def precision(device: torch.device) -> str:
+    """What :func:`encode` computes in on ``device``: bf16 autocast on GPU, fp32 on CPU. The
+    features differ slightly, so caches and feature bags record it."""
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
 @torch.no_grad()
 def encode(encoder: nn.Module, files: Sequence[Path], mean: Sequence[float], std: Sequence[float],
            device: torch.device, batch_size: int = 256, num_workers: int = 4, resize: int | None = None,
@@ -86,7 +92,7 @@ def encode(encoder: nn.Module, files: Sequence[Path], mean: Sequence[float], std
     start, out = 0, None
     for batch in tqdm(loader, desc=desc, unit="batch", disable=not is_main()):
         images = batch.to(device, non_blocking=True, memory_format=memory_format).float().div_(255)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision(device) == "bf16"):
             features = encoder((images - mean_t) / std_t).float().cpu().numpy()
         if out is None:
             shape = (len(files), features.shape[1])
@@ -114,10 +120,10 @@ def cached_encode(cache_dir: Path, identity: str, encoder: nn.Module, files: Seq
                   mean: Sequence[float], std: Sequence[float], device: torch.device, **options) -> tuple[np.ndarray, bool]:
     """:func:`encode`, stored as ``cache_dir/<key>.npy`` and memory-mapped back. The key
     covers ``identity`` (which encoder: e.g. the checkpoint's content digest and feature
-    type), the exact file list, the normalisation and the options. Returns the features
-    and whether they came from the cache."""
+    type), the exact file list, the normalisation, the precision and the options. Returns
+    the features and whether they came from the cache."""
     key_text = "\n".join([f"v{CACHE_VERSION}", identity, file_list_key(files), repr(list(mean)), repr(list(std)),
-                          repr(options.get("resize"))])
+                          precision(device), repr(options.get("resize"))])
     path = Path(cache_dir) / f"{hashlib.sha256(key_text.encode()).hexdigest()[:32]}.npy"
     if main_computes(path.is_file):  # every process takes the same branch
         return np.load(path, mmap_mode="r"), True
@@ -137,7 +143,8 @@ def cached_encode(cache_dir: Path, identity: str, encoder: nn.Module, files: Seq
         def assemble(allocate: Callable[[tuple[int, int]], np.ndarray]) -> np.ndarray:
             out = allocate((len(files), dim))
             for r, features in enumerate(shards):
-                out[r::processes] = features
+                if len(features):  # a process with no files (fewer files than processes) wrote (0, 0)
+                    out[r::processes] = features
             return out
 
         write_features(path, assemble)

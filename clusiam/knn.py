@@ -22,6 +22,7 @@ BACKENDS = ("faiss-gpu", "torch-cuda", "faiss-cpu", "torch-cpu")
 QUERY_CHUNK = 4096
 BANK_CHUNK = 65536  # a chunk pair is 4096 x 65536 fp32 similarities: 1 GiB
 VOTE_TEMPERATURE = 0.07
+FAISS_GPU_MAX_K = 2048  # the largest k faiss-gpu selects (GPU_MAX_SELECTION_K)
 
 
 def faiss_gpu_usable() -> bool:
@@ -58,12 +59,14 @@ def search(bank: np.ndarray, queries: np.ndarray, k: int, backend: str) -> tuple
     """The k most similar bank rows of every query row (both L2-normalised float32).
     Returns ``(similarities, indices)``, each (num_queries, k), most similar first."""
     k = min(k, len(bank))
+    if backend == "faiss-gpu" and k > FAISS_GPU_MAX_K:
+        backend = "torch-cuda"  # faiss's GPU selection stops at k = 2048; the torch search has no limit
     if backend.startswith("faiss"):
         import faiss
 
         index = faiss.IndexFlatIP(bank.shape[1])
         if backend == "faiss-gpu":
-            index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+            index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), torch.cuda.current_device(), index)
         index.add(bank)
         results = [index.search(queries[i : i + QUERY_CHUNK], k) for i in range(0, len(queries), QUERY_CHUNK)]
         return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])

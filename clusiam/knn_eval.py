@@ -22,7 +22,7 @@ from lightly.utils.dist import print_rank_zero
 from torch import nn
 
 from clusiam.checkpoint import load_pretrained
-from clusiam.config import ConfigError
+from clusiam.config import ConfigError, add_dist_timeout
 from clusiam.data import DataError, LabelledPatches, file_digest, read_labelled_patches, split_overlap
 from clusiam.distributed import is_main, processes
 from clusiam.features import FEATURE_TYPES, PixelFeatures, cached_encode, feature_extractor
@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache_dir", default=None, help="feature cache (default: OUT/cache)")
     parser.add_argument("--allow_overlap", action="store_true", help="evaluate even when train and test share slides or files")
     parser.add_argument("--no_baselines", dest="baselines", action="store_false", help="skip the random-encoder and raw-pixel rows")
+    add_dist_timeout(parser, "rank 0 searching and writing the report while the others wait")
     return parser
 
 
@@ -114,7 +115,7 @@ def evaluate(args: argparse.Namespace) -> dict | None:
     """Run the evaluation and write the report folder; return the report. Under torchrun
     every process encodes its share of the patches and rank 0 alone searches and reports
     (the others return None)."""
-    with processes(args.device) as device:
+    with processes(args.device, args.dist_timeout) as device:
         return evaluate_on(device, args)
 
 

@@ -6,8 +6,8 @@ A slide is a folder holding patch images (``PATCH_ROOT/<class>/<slide>/`` or
 ``PATCH_ROOT/<slide>/``). Each ``<out>/<slide>.h5`` holds ``features`` (N, D) float32,
 ``paths`` (N,) relative to PATCH_ROOT, ``coords`` (N, 2) when every patch is named
 ``<x>_<y>.<ext>`` (the tiler's names), and attributes naming the checkpoint, feature
-type and resize. Finished slides are skipped on a rerun with the same checkpoint, feature
-type and resize; a bag made with different ones is encoded again.
+type, resize and precision. Finished slides are skipped on a rerun that would encode them
+the same way; a bag made differently is encoded again.
 
 Under torchrun (``torchrun --nproc_per_node 8 -m mil.compute_feats ...``) each process
 encodes its share of the slides.
@@ -27,13 +27,14 @@ from tqdm import tqdm
 
 from clusiam.atomic import write_atomically
 from clusiam.checkpoint import load_pretrained
+from clusiam.config import add_dist_timeout
 from clusiam.data import DataError, file_digest, find_images, read_table
 from clusiam.distributed import barrier, is_main, main_computes, processes, shard
 from clusiam.errors import run_command
-from clusiam.features import FEATURE_TYPES, encode, feature_extractor
+from clusiam.features import FEATURE_TYPES, encode, feature_extractor, precision
 
 COORDINATE_NAME = re.compile(r"^(\d+)_(\d+)$")
-ENCODING_ATTRIBUTES = ("checkpoint_sha256", "feature", "resize")  # what decides a bag's features
+ENCODING_ATTRIBUTES = ("checkpoint_sha256", "feature", "resize", "precision")  # what decides a bag's features
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_workers", type=int, default=8)
     parser.add_argument("--resize", type=int, default=None, help="bring every patch to N x N pixels first")
     parser.add_argument("--device", default="auto")
+    add_dist_timeout(parser, "the others finishing their slides")
     return parser
 
 
@@ -101,7 +103,7 @@ def write_bag(path: Path, features: np.ndarray, files: Sequence[Path], root: Pat
 
 def compute(args: argparse.Namespace) -> dict[str, int]:
     """Write every missing bag; return how many slides were encoded, skipped and missing."""
-    with processes(args.device) as device:
+    with processes(args.device, args.dist_timeout) as device:
         return compute_on(device, args)
 
 
@@ -110,7 +112,8 @@ def compute_on(device: torch.device, args: argparse.Namespace) -> dict[str, int]
     model, state = load_pretrained(args.checkpoint)
     encoder = feature_extractor(model, args.feature)
     # HDF5 attributes cannot hold None, so no resize is stored as 0.
-    encoding = dict(zip(ENCODING_ATTRIBUTES, (file_digest(Path(args.checkpoint)), args.feature, args.resize or 0)))
+    encoding = dict(zip(ENCODING_ATTRIBUTES, (file_digest(Path(args.checkpoint)), args.feature, args.resize or 0,
+                                              precision(device))))
     attributes = {**encoding, "checkpoint": str(args.checkpoint),
                   "model_type": state["config"]["model_type"], "backbone": state["config"]["backbone"]}
     slides = slide_patches(root)
@@ -119,7 +122,8 @@ def compute_on(device: torch.device, args: argparse.Namespace) -> dict[str, int]
     # Rank 0 decides what is left, so that no process sees a bag another has just written.
     pending = main_computes(lambda: [s for s in slides if not is_done(out / f"{s}.h5", encoding)])
     mean, std = state["normalization"]["mean"], state["normalization"]["std"]
-    for slide in tqdm(shard(pending), desc="slides", unit="slide", disable=not is_main()):
+    mine = shard(pending, sizes=[len(slides[s]) for s in pending])
+    for slide in tqdm(mine, desc="slides", unit="slide", disable=not is_main()):
         features = encode(encoder, slides[slide], mean, std, device, batch_size=args.batch_size,
                           num_workers=args.num_workers, resize=args.resize, desc=slide)
         write_bag(out / f"{slide}.h5", features, slides[slide], root, attributes)

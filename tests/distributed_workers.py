@@ -5,14 +5,19 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 
 from clusiam.config import ConfigError, parse_config
-from clusiam.distributed import check_replicas_agree, earliest_step, gather_views, main_computes, rank, sum_over_ranks
+from clusiam.distributed import (
+    check_replicas_agree, earliest_step, gather_views, main_computes, rank, shard, sum_over_ranks,
+)
+from clusiam.features import PixelFeatures, cached_encode
 from clusiam.losses import cluster_similarity
 from clusiam.models import PretrainModel
 from clusiam.train import build_optimizer, train, training_step
@@ -89,6 +94,13 @@ def collectives_worker(out: str) -> None:
         train(parse_config(["--batch_size", "15", "--device", "cpu", "--save_path", str(Path(out).parent / "odd")]))
     except ConfigError as error:
         report["odd_batch"] = str(error)
+    report["slides"] = shard(["a", "b", "c", "d"], sizes=[1, 10, 3, 7])
+    # One file for two processes: rank 1 encodes nothing, and rank 0 still assembles the cache.
+    patch = Path(out).parent / "patch.png"
+    main_computes(lambda: Image.fromarray(np.arange(48, dtype=np.uint8).reshape(4, 4, 3)).save(patch))
+    features, _ = cached_encode(Path(out).parent / "cache", "pixels", PixelFeatures(2), [patch], [0.5] * 3, [0.25] * 3,
+                                torch.device("cpu"), batch_size=1, num_workers=0)
+    report["one_file_features"] = features.tolist()
     results = [None] * WORLD
     dist.all_gather_object(results, report)
     if me == 0:

@@ -72,6 +72,11 @@ def test_collectives_agree_on_every_rank(tmp_path):
         assert "replicas diverged" in report["diverged"]  # every rank raises, not only the odd one out
         assert "--batch_size 15 is the global batch and must split evenly over the 2 processes" in report["odd_batch"]
     assert "rank 1 differs in bias" in reports[1]["diverged"]
+    assert [report["slides"] for report in reports] == [["a", "b"], ["c", "d"]]  # 11 and 10 patches
+    pixels = np.arange(48, dtype=np.float32).reshape(4, 4, 3) / 255
+    expected = ((pixels.reshape(2, 2, 2, 2, 3).mean((1, 3)) - 0.5) / 0.25).transpose(2, 0, 1).reshape(1, 12)
+    for report in reports:
+        np.testing.assert_allclose(report["one_file_features"], expected, rtol=1e-5, atol=1e-6)
 
 
 def torchrun(*args: str, max_restarts: int = 0) -> subprocess.Popen:

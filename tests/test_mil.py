@@ -222,7 +222,7 @@ def test_compute_feats_writes_one_bag_per_slide_and_resumes(tiny_demo, tiny_chec
         coords = handle["coords"][:]
         assert sorted(map(tuple, coords))[:2] == [(0, 0), (0, 32)]
         assert handle.attrs["feature"] == "backbone" and handle.attrs["model_type"] == "clusiam"
-        assert handle.attrs["resize"] == 0
+        assert handle.attrs["resize"] == 0 and handle.attrs["precision"] == "fp32"
         assert handle["paths"][0].decode().startswith("tumor/tumor_001/")
     out = capsys.readouterr().out
     assert "4 slides encoded" in out and "1 labelled slide(s) have no patches" in out

@@ -54,6 +54,7 @@ def test_fix_pred_lr_follows_each_methods_recipe_unless_a_flag_says_otherwise(mo
     ("lrr: 0.1\n", r"unknown option\(s\) lrr"),
     ("lr: fast\n", "invalid float value"),
     ("model_type: mocov9\n", "invalid choice"),
+    ("dist_timeout: 0\n", r"--dist_timeout: must be positive minutes \(got 0\)"),
 ])
 def test_a_bad_config_file_is_named_in_the_error(tmp_path, text, message):
     config = tmp_path / "bad.yaml"
