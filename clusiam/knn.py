@@ -22,7 +22,7 @@ BACKENDS = ("faiss-gpu", "torch-cuda", "faiss-cpu", "torch-cpu")
 QUERY_CHUNK = 4096
 BANK_CHUNK = 65536  # a chunk pair is 4096 x 65536 fp32 similarities: 1 GiB
 VOTE_TEMPERATURE = 0.07
-FAISS_GPU_MAX_K = 2048  # the largest k faiss-gpu selects (GPU_MAX_SELECTION_K)
+FAISS_GPU_MAX_K = 2048  # the largest k faiss-gpu selects (its GPU_MAX_SELECTION_K)
 
 
 def faiss_gpu_usable() -> bool:
@@ -33,17 +33,21 @@ def faiss_gpu_usable() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
-def choose_backend(requested: str = "auto") -> str:
-    """The fastest exact backend here: faiss-gpu, then torch-cuda, then faiss-cpu."""
+def choose_backend(requested: str = "auto", k: int = 1) -> str:
+    """The fastest exact backend here for ``k`` neighbours: faiss-gpu (up to k = 2048), then
+    torch-cuda, then faiss-cpu."""
     if requested != "auto":
         if requested not in BACKENDS:
             raise ConfigError(f"--backend {requested!r} is unknown; choose auto or one of {', '.join(BACKENDS)}")
         if requested == "faiss-gpu" and not faiss_gpu_usable():
             raise ConfigError("--backend faiss-gpu: no GPU-enabled faiss with a visible GPU; use --backend auto")
+        if requested == "faiss-gpu" and k > FAISS_GPU_MAX_K:
+            raise ConfigError(f"--backend faiss-gpu selects at most {FAISS_GPU_MAX_K} neighbours, not --k {k}; "
+                              "use --backend torch-cuda")
         if requested == "torch-cuda" and not torch.cuda.is_available():
             raise ConfigError("--backend torch-cuda: no CUDA GPU is visible; use --backend auto")
         return requested
-    if faiss_gpu_usable():
+    if faiss_gpu_usable() and k <= FAISS_GPU_MAX_K:
         return "faiss-gpu"
     if torch.cuda.is_available():
         return "torch-cuda"
@@ -59,8 +63,6 @@ def search(bank: np.ndarray, queries: np.ndarray, k: int, backend: str) -> tuple
     """The k most similar bank rows of every query row (both L2-normalised float32).
     Returns ``(similarities, indices)``, each (num_queries, k), most similar first."""
     k = min(k, len(bank))
-    if backend == "faiss-gpu" and k > FAISS_GPU_MAX_K:
-        backend = "torch-cuda"  # faiss's GPU selection stops at k = 2048; the torch search has no limit
     if backend.startswith("faiss"):
         import faiss
 

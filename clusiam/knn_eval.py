@@ -132,7 +132,7 @@ def evaluate_on(device: torch.device, args: argparse.Namespace) -> dict | None:
         raise ConfigError(f"--positive {positive!r} is not one of the classes {', '.join(classes)}")
     if min(args.k) < 1:
         raise ConfigError(f"--k must be at least 1 (got {min(args.k)})")
-    backend = choose_backend(args.backend)
+    backend = choose_backend(args.backend, max(args.k))
     print_rank_zero(f"KNN on {backend}; features on {device}; {len(train.paths)} train / {len(test.paths)} test "
                     f"patches; classes {classes}, positive {positive}")
 
