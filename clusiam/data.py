@@ -226,10 +226,11 @@ def read_labelled_patches(source: str | os.PathLike) -> LabelledPatches:
         absent = [p for p in paths if not p.is_file()]
         if absent:
             raise DataError(f"{source}: {len(absent)} listed files do not exist, e.g. {absent[0]}")
-        unassigned = [row["path"] for row in rows if not row["slide"].strip() or not row["label"].strip()]
+        labels, slides = [row["label"].strip() for row in rows], [row["slide"].strip() for row in rows]
+        unassigned = [row["path"] for row, label, slide in zip(rows, labels, slides) if not label or not slide]
         if unassigned:
             raise DataError(f"{source}: {len(unassigned)} rows have no slide or label, e.g. {unassigned[0]}")
-        return LabelledPatches(paths, [row["label"] for row in rows], [row["slide"] for row in rows])
+        return LabelledPatches(paths, labels, slides)
     files = find_images(source, "--train / --test")
     shallow = [p for p in files if len(p.relative_to(source).parts) < 3]
     if shallow:
@@ -244,26 +245,18 @@ def read_labelled_patches(source: str | os.PathLike) -> LabelledPatches:
 def split_overlap(train: LabelledPatches, test: LabelledPatches) -> list[str]:
     """What leaks between a training and a test split: slides in both, and test files
     identical (same bytes) to training files. Only files whose size matches a file on the
-    other side are hashed, so this stays cheap for millions of patches."""
+    other side are hashed, each once, so this stays linear in the number of files."""
     problems = []
     shared_slides = sorted(set(train.slides) & set(test.slides))
     if shared_slides:
         problems.append(f"{len(shared_slides)} slide(s) are in both train and test, e.g. {', '.join(shared_slides[:3])}")
-    train_by_size: dict[int, list[Path]] = {}
-    for path in train.paths:
-        train_by_size.setdefault(path.stat().st_size, []).append(path)
-    digests: dict[Path, str] = {}
-
-    def digest(path: Path) -> str:
-        if path not in digests:
-            digests[path] = file_digest(path)
-        return digests[path]
-
+    train_sizes = {path: path.stat().st_size for path in train.paths}
+    test_sizes = {path: path.stat().st_size for path in test.paths}
+    shared_sizes = set(train_sizes.values()) & set(test_sizes.values())
+    train_by_digest = {file_digest(path): path for path, size in train_sizes.items() if size in shared_sizes}
     identical = []
-    for path in test.paths:
-        candidates = train_by_size.get(path.stat().st_size, [])
-        match = next((c for c in candidates if digest(c) == digest(path)), None)
-        if match is not None:
+    for path, size in test_sizes.items():
+        if size in shared_sizes and (match := train_by_digest.get(file_digest(path))) is not None:
             identical.append((path, match))
     if identical:
         test_path, train_path = identical[0]

@@ -94,6 +94,9 @@ def encode(encoder: nn.Module, files: Sequence[Path], mean: Sequence[float], std
         images = batch.to(device, non_blocking=True, memory_format=memory_format).float().div_(255)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision(device) == "bf16"):
             features = encoder((images - mean_t) / std_t).float().cpu().numpy()
+        if not np.isfinite(features).all():  # NaN features would still "find" neighbours and score
+            raise DataError(f"the encoder gave NaN or infinite features for {files[start]} (batch from patch {start}): "
+                            "its weights are broken; use an earlier checkpoint")
         if out is None:
             shape = (len(files), features.shape[1])
             out = allocate(shape) if allocate else np.empty(shape, dtype=np.float32)

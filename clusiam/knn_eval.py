@@ -130,8 +130,9 @@ def evaluate_on(device: torch.device, args: argparse.Namespace) -> dict | None:
     positive = args.positive or ("tumor" if "tumor" in classes else None)
     if positive is not None and positive not in classes:
         raise ConfigError(f"--positive {positive!r} is not one of the classes {', '.join(classes)}")
-    if min(args.k) < 1:
-        raise ConfigError(f"--k must be at least 1 (got {min(args.k)})")
+    if min(args.k) < 1 or max(args.k) > len(train.paths):
+        raise ConfigError(f"--k {' '.join(map(str, args.k))}: each k must lie between 1 and the "
+                          f"{len(train.paths)} training patches")
     backend = choose_backend(args.backend, max(args.k))
     print_rank_zero(f"KNN on {backend}; features on {device}; {len(train.paths)} train / {len(test.paths)} test "
                     f"patches; classes {classes}, positive {positive}")
@@ -139,6 +140,12 @@ def evaluate_on(device: torch.device, args: argparse.Namespace) -> dict | None:
     encoders, reference = checkpoint_encoders(args.checkpoint, args.feature)
     if args.baselines:
         encoders += baseline_encoders(reference)
+    names = [encoder.name for encoder in encoders]
+    if len(set(names)) < len(names):
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        raise ConfigError(f"two encoders would share the report name {repeated[0]} (and its folder): pass each "
+                          "checkpoint once, under paths that differ in more than punctuation")
+    table_k = 1 if 1 in args.k else args.k[0]  # the confusion matrix and per-slide table: the paper's k = 1
     class_index = {c: i for i, c in enumerate(classes)}
     bank_labels = np.array([class_index[c] for c in train.labels])
     summaries = {"train": split_summary(train), "test": split_summary(test)}
@@ -167,7 +174,7 @@ def evaluate_on(device: torch.device, args: argparse.Namespace) -> dict | None:
             rows.append({"encoder": encoder.name, "checkpoint": encoder.checkpoint, "feature": encoder.feature, "k": k,
                          **metrics, **counts, "backend": backend, "features_cached": cached["train"] and cached["test"],
                          "encode_seconds": round(encode_seconds, 3), "search_seconds": round(search_seconds, 3)})
-            if k == args.k[0]:
+            if k == table_k:
                 folder = out / encoder.name
                 folder.mkdir(exist_ok=True)
                 plot_confusion_matrix(metrics["confusion_matrix"], classes, f"{encoder.name} ({encoder.feature}, k={k})",
@@ -178,7 +185,7 @@ def evaluate_on(device: torch.device, args: argparse.Namespace) -> dict | None:
     report = {
         "train": {"source": str(args.train), **summaries["train"]},
         "test": {"source": str(args.test), **summaries["test"]},
-        "classes": classes, "positive": positive, "backend": backend, "device": str(device),
+        "classes": classes, "positive": positive, "backend": backend, "device": str(device), "tables_k": table_k,
         "warnings": [f"train/test overlap allowed by --allow_overlap: {p}" for p in problems],
         "rows": rows,
     }
@@ -196,6 +203,7 @@ def write_report(out: Path, report: dict) -> None:
         f"- train: `{train['source']}`: {train['patches']} patches from {train['slides']} slides {train['classes']}",
         f"- test: `{test['source']}`: {test['patches']} patches from {test['slides']} slides {test['classes']}",
         f"- positive class: {positive}; search backend: {report['backend']}; features on {report['device']}",
+        f"- each encoder's folder: confusion matrix and per-slide accuracy at k = {report['tables_k']}",
         "",
         f"| encoder | feature | k | F1 ({positive}) | macro F1 | accuracy | balanced accuracy | train / test patches (slides) | backend | seconds |",
         "|---|---|---|---|---|---|---|---|---|---|",

@@ -37,7 +37,9 @@ def classification_metrics(y_true: Sequence[str], y_pred: Sequence[str], classes
     )
     return {
         "f1": float(f1_score(y_true == positive, y_pred == positive, zero_division=0)) if positive else None,
-        "macro_f1": float(f1_score(y_true, y_pred, labels=list(classes), average="macro", zero_division=0)),
+        # Over the classes that occur in truth or prediction, as balanced accuracy: a class of
+        # the training split alone would add an F1 of 0.
+        "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
         "per_class": {
@@ -70,8 +72,8 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], classes: Sequence[str
 
 def write_per_slide_accuracy(path: Path, slides: Sequence[str], y_true: Sequence[str], y_pred: Sequence[str],
                              positive: str | None) -> None:
-    """One row per slide: patches, correct, accuracy, and the true and predicted counts of
-    the positive class."""
+    """One row per slide: patches, correct, accuracy, and (with a positive class) its true
+    and predicted counts."""
     rows: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
     for slide, truth, prediction in zip(slides, y_true, y_pred):
         row = rows[slide]
@@ -81,10 +83,12 @@ def write_per_slide_accuracy(path: Path, slides: Sequence[str], y_true: Sequence
         row[3] += prediction == positive
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["slide", "patches", "correct", "accuracy", f"true_{positive}", f"predicted_{positive}"])
+        counts = [f"true_{positive}", f"predicted_{positive}"] if positive else []
+        writer.writerow(["slide", "patches", "correct", "accuracy", *counts])
         for slide in sorted(rows):
             patches, correct, true_positive, predicted_positive = rows[slide]
-            writer.writerow([slide, patches, correct, round(correct / patches, 4), true_positive, predicted_positive])
+            writer.writerow([slide, patches, correct, round(correct / patches, 4),
+                             *([true_positive, predicted_positive] if positive else [])])
 
 
 def save_report(out: Path, report: dict, markdown: Sequence[str]) -> None:

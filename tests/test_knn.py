@@ -10,11 +10,11 @@ from sklearn.neighbors import KNeighborsClassifier
 
 import clusiam.knn
 from clusiam.data import DataError, LabelledPatches, read_labelled_patches, split_overlap
-from clusiam.checkpoint import load_pretrained
 from clusiam.features import cached_encode, feature_extractor
 from clusiam.knn import l2_normalize, search, vote
 from clusiam.knn_eval import main
-from clusiam.metrics import classification_metrics
+from clusiam.metrics import classification_metrics, write_per_slide_accuracy
+from clusiam.checkpoint import load_checkpoint, load_pretrained, save_checkpoint
 from clusiam.config import parse_config
 from clusiam.train import train
 from conftest import tiny_run_args
@@ -47,6 +47,16 @@ def test_top1_neighbours_labels_and_f1_equal_scikit_learn(backend, seed):
     assert metrics["f1"] == pytest.approx(f1_score(truth, names, labels=["tumor"], average=None)[0])  # tumour vs rest
     assert metrics["macro_f1"] == pytest.approx(f1_score(truth, names, average="macro"))
     assert 0.15 < metrics["accuracy"] < 0.55  # random labels: about chance, so the test is not trivially 0 or 1
+
+
+def test_macro_f1_averages_over_the_classes_that_occur_and_per_slide_needs_no_positive_class(tmp_path):
+    truth, predicted = ["a", "b", "a", "b"], ["a", "b", "b", "b"]
+    metrics = classification_metrics(truth, predicted, ["a", "b", "c"], None)  # c: a class of the training split only
+    assert metrics["macro_f1"] == pytest.approx(f1_score(truth, predicted, average="macro")) == pytest.approx(11 / 15)
+    assert metrics["per_class"]["c"]["support"] == 0 and metrics["f1"] is None
+    write_per_slide_accuracy(tmp_path / "per_slide.csv", ["s1", "s1", "s2", "s2"], truth, predicted, None)
+    assert list(csv.reader(open(tmp_path / "per_slide.csv"))) == [
+        ["slide", "patches", "correct", "accuracy"], ["s1", "2", "2", "1.0"], ["s2", "2", "1", "0.5"]]
 
 
 def test_torch_search_merges_bank_chunks_exactly(monkeypatch):
@@ -91,8 +101,9 @@ def test_labels_come_from_the_folder_layout_or_a_csv(tmp_path):
     patches = read_labelled_patches(tmp_path)
     assert (patches.paths, patches.labels, patches.slides) == ([b, a], ["normal", "tumor"], ["slide_b", "slide_a"])
     listing = tmp_path / "labels.csv"
-    listing.write_text("path,label,slide\ntumor/slide_a/0_0.png,normal,s1\n")
-    assert read_labelled_patches(listing).labels == ["normal"]  # the CSV, not the folder name, decides
+    listing.write_text("path,label,slide\ntumor/slide_a/0_0.png,normal ,s1 \n")
+    listed = read_labelled_patches(listing)
+    assert (listed.labels, listed.slides) == (["normal"], ["s1"])  # the CSV, not the folder name, decides; stripped
     write_patch(tmp_path / "loose.png", 3)
     with pytest.raises(DataError, match="loose.png is not in a <class>/<slide>/ folder"):
         read_labelled_patches(tmp_path)
@@ -165,6 +176,21 @@ def test_overlapping_splits_are_refused_unless_allowed(tiny_demo, tiny_checkpoin
     assert main(args + ["--allow_overlap"]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["warnings"] and report["rows"][0]["accuracy"] == 1.0  # every test patch finds itself
+
+
+def test_unusable_k_names_and_weights_are_refused(tiny_demo, tiny_checkpoint, tmp_path, capsys):
+    args = ["--train", str(tiny_demo / "knn_train.csv"), "--test", str(tiny_demo / "knn_test.csv"),
+            "--out", str(tmp_path / "report"), "--device", "cpu", "--num_workers", "0", "--no_baselines"]
+    assert main([*args, "--checkpoint", str(tiny_checkpoint), "--k", "1", "33"]) == 2
+    assert "--k 1 33: each k must lie between 1 and the 32 training patches" in capsys.readouterr().out
+    assert main([*args, "--checkpoint", str(tiny_checkpoint), str(tiny_checkpoint)]) == 2
+    assert "two encoders would share the report name" in capsys.readouterr().out
+    state = load_checkpoint(tiny_checkpoint)
+    state["state_dict"]["backbone.conv1.weight"][0, 0, 0, 0] = float("nan")
+    save_checkpoint(state, tmp_path / "broken.pth")
+    assert main([*args, "--checkpoint", str(tmp_path / "broken.pth")]) == 2
+    assert "the encoder gave NaN or infinite features" in capsys.readouterr().out
+    assert not list((tmp_path / "report").glob("*.json"))
 
 
 def test_several_checkpoints_of_any_model_type_and_the_projector_feature(tiny_demo, tiny_checkpoint, tmp_path):
