@@ -26,6 +26,13 @@ def byol_invariance(p1: Tensor, p2: Tensor, t1: Tensor, t2: Tensor, eps: float =
     return 2.0 + simsiam_invariance(p1, p2, t1, t2, eps)
 
 
+def gumbel_softmax(logits: Tensor, tau: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
+    """Soft Gumbel-softmax samples of ``logits``: ``F.gumbel_softmax``'s sampling written out,
+    because it takes no generator. With the global RNG it draws exactly what that draws."""
+    gumbels = -torch.empty_like(logits).exponential_(generator=generator).log()
+    return ((logits + gumbels) / tau).softmax(dim=1)
+
+
 def cluster_similarity(representations: Tensor, logits: Tensor, tau: float = 1.0, eps: float = 1e-8,
                        generator: torch.Generator | None = None) -> Tensor:
     """CluSiam's cluster loss: the mean cosine similarity between the centres of the
@@ -44,10 +51,7 @@ def cluster_similarity(representations: Tensor, logits: Tensor, tau: float = 1.0
     Returns 1 when fewer than two clusters are used.
     """
     rows = F.normalize(representations, dim=1, eps=eps)
-    # F.gumbel_softmax's sampling, written out because it takes no generator: with the
-    # same seed this reproduces the authors' noise exactly.
-    gumbels = -torch.empty_like(logits).exponential_(generator=generator).log()
-    soft = ((logits + gumbels) / tau).softmax(dim=1)
+    soft = gumbel_softmax(logits, tau, generator)  # with the same seed, the authors' noise exactly
     one_hot = torch.zeros_like(soft).scatter_(1, soft.argmax(dim=1, keepdim=True), 1.0)
     hard = one_hot - soft.detach() + soft  # straight-through: hard forward, soft gradient
     counts = hard.sum(dim=0)

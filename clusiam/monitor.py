@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from clusiam.losses import gumbel_softmax
+
 DOMINANT_SHARE = 0.9  # one cluster holding more than this share of a batch: mode 1
 UNIFORM_FACTOR = 1.5  # mean max-probability below this many times 1/K: mode 2
 COLLAPSED_STD = 0.1  # normalised-projection std below this fraction of 1/sqrt(d)
@@ -24,12 +26,14 @@ CLUSTER_DIAGNOSTICS = ("clusters_argmax", "clusters_gumbel", "largest_cluster_sh
 
 
 @torch.no_grad()
-def cluster_diagnostics(logits: Tensor) -> dict[str, Tensor]:
-    """Statistics of the assignment of one batch's logits (N, K), as 0-d tensors."""
+def cluster_diagnostics(logits: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    """Statistics of the assignment of one batch's logits (N, K), as 0-d tensors. Training
+    passes a ``generator`` of its own, so that how often it logs never changes the random
+    draws of training."""
     logits = logits.float()
     num_clusters = logits.shape[1]
     argmax_counts = torch.bincount(logits.argmax(1), minlength=num_clusters)
-    gumbel_counts = torch.bincount(F.gumbel_softmax(logits, hard=False).argmax(1), minlength=num_clusters)
+    gumbel_counts = torch.bincount(gumbel_softmax(logits, generator=generator).argmax(1), minlength=num_clusters)
     return {
         "clusters_argmax": (argmax_counts > 0).sum().float(),
         "clusters_gumbel": (gumbel_counts > 0).sum().float(),

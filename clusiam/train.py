@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 import os
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ from clusiam.augment import BatchViews, TwoViews, ViewRecipe, paper_augmentation
 from clusiam.checkpoint import ARCHITECTURE_OPTIONS, load_checkpoint, save_checkpoint
 from clusiam.config import ConfigError, parse_config
 from clusiam.data import DataError, PatchDataset, cached_channel_statistics, check_images, find_images, uint8_tensor
-from clusiam.demo import prepare_demo
+from clusiam.demo import DemoSpec, prepare_demo
 from clusiam.distributed import (barrier, check_replicas_agree, earliest_step, gather_views, is_main, main_computes,
                                  processes, rank, sum_over_ranks, world_size)
 from clusiam.errors import UserError, run_command
@@ -115,11 +114,23 @@ def training_step(network: nn.Module, optimizer: torch.optim.Optimizer, x1: torc
     return output, losses
 
 
+# Options a resumed run is told about when they differ from the checkpoint's.
+TRAINING_OPTIONS = ("epochs", "batch_size", "lr", "weight_decay", "momentum", "fix_pred_lr", "alpha", "tau", "eps",
+                    "target_momentum", "cosine_target_momentum", "image_size", "augment", "vflip", "rotate90",
+                    "hed_jitter", "precision", "seed")
+DIAGNOSTIC_NOISE = 2**32  # a seed key no rank number reaches: the diagnostics' own random stream
+
+
 def prepare_files(args: argparse.Namespace, save_path: Path) -> list[Path]:
     """The checked list of training images (the demo set when no DATA_DIR is given).
     Rank 0 writes the demo set and checks the images; every rank gets its verdict."""
     data_dir = args.data_dir
     if data_dir is None:
+        demo_size = DemoSpec().patch_size
+        if args.image_size > demo_size:
+            raise ConfigError(f"the built-in demo set has {demo_size} px patches, smaller than --image_size "
+                              f"{args.image_size}: run `python pretrain.py --config configs/demo.yaml`, "
+                              f"or pass --image_size {demo_size} (or a DATA_DIR)")
         data_dir = main_computes(lambda: prepare_demo(save_path / "demo_data"))
         print_rank_zero(f"no DATA_DIR given: training on the built-in demo set in {data_dir}")
     files = find_images(data_dir, "DATA_DIR (or none, for the built-in demo)")
@@ -185,12 +196,10 @@ class EpochLog:
 
     def averages(self) -> dict[str, float]:
         """Mean losses over the epoch's steps and all processes, and mean diagnostics over its
-        logged steps (NaN when --print_freq exceeds the epoch, so every CSV row has the same
-        columns)."""
-        losses = (sum_over_ranks(self.loss_sums) / (self.steps * world_size())).tolist() if self.steps else []
+        logged steps (at least its last)."""
+        losses = (sum_over_ranks(self.loss_sums) / (self.steps * world_size())).tolist()
         result = dict(zip(self.loss_names, losses))
-        count = self.diagnostic_count or math.nan
-        result.update({k: v / count for k, v in self.diagnostic_sums.items()})
+        result.update({k: v / self.diagnostic_count for k, v in self.diagnostic_sums.items()})
         return result
 
     def write_row(self, row: dict[str, float]) -> None:
@@ -202,17 +211,18 @@ class EpochLog:
             writer.writerow(row)
 
 
-def step_diagnostics(output: PretrainOutput) -> dict[str, float]:
+def step_diagnostics(output: PretrainOutput, generator: torch.Generator) -> dict[str, float]:
     """Collapse signals of one step over the global batch (this reads values back to the
-    host: logged steps only)."""
+    host: logged steps only). ``generator`` is the diagnostics' own Gumbel noise."""
     diagnostics = {"projection_std": projection_std(gather_views(output.projections))}
     if output.cluster_logits is not None:
-        diagnostics.update(cluster_diagnostics(gather_views([a.detach() for a in output.cluster_logits])))
+        diagnostics.update(cluster_diagnostics(gather_views([a.detach() for a in output.cluster_logits]), generator))
     return {name: float(value) for name, value in diagnostics.items()}
 
 
 def load_resumable(path: Path, args: argparse.Namespace) -> dict:
-    """The checkpoint to resume from, refused unless it has this run's architecture."""
+    """The checkpoint to resume from, refused unless it has this run's architecture; training
+    options that differ from the checkpoint's are named (a longer --epochs is the usual one)."""
     checkpoint = load_checkpoint(path)
     if "optimizer" not in checkpoint:
         raise ConfigError(f"--resume {path} holds no optimizer state, so training cannot continue from it: "
@@ -221,6 +231,11 @@ def load_resumable(path: Path, args: argparse.Namespace) -> dict:
         if checkpoint["config"][option] != getattr(args, option):
             raise ConfigError(f"--resume {path} was trained with --{option} {checkpoint['config'][option]}, "
                               f"not {getattr(args, option)}: pass the same value")
+    saved = checkpoint["config"]
+    changed = [f"--{name} {getattr(args, name)} (was {saved[name]})" for name in TRAINING_OPTIONS
+               if name in saved and saved[name] != getattr(args, name)]
+    if changed:
+        print_rank_zero(f"note: resuming {path} with options that differ from its run: {', '.join(changed)}")
     return checkpoint
 
 
@@ -250,7 +265,14 @@ def train_on(device: torch.device, args: argparse.Namespace) -> Path:
         raise ConfigError(f"--batch_size {args.batch_size} is the global batch and must split evenly over the "
                           f"{processes_count} processes: pass a multiple of {processes_count}")
     resume = resume_path(args, save_path)
+    if resume is None and (save_path / "last.pth").is_file():
+        raise ConfigError(f"{save_path / 'last.pth'} is from an earlier run: pass --resume auto to continue it, "
+                          "or another --save_path")
     checkpoint = load_resumable(resume, args) if resume else None
+    if checkpoint is not None and checkpoint["epoch"] >= args.epochs:
+        print_rank_zero(f"{resume} already holds {checkpoint['epoch']} epochs (--epochs {args.epochs}): "
+                        "nothing to train; pass a larger --epochs to train on")
+        return resume
     files = prepare_files(args, save_path)
     if checkpoint is not None:
         mean, std = checkpoint["normalization"]["mean"], checkpoint["normalization"]["std"]
@@ -308,6 +330,7 @@ def train_on(device: torch.device, args: argparse.Namespace) -> Path:
         lr = set_learning_rate(optimizer, init_lr, epoch, args.epochs)
         torch.manual_seed(seed_from(args.seed, epoch, rank()))  # view parameters: this rank's own draws
         gumbel = torch.Generator(device).manual_seed(seed_from(args.seed, epoch))  # Gumbel noise: alike on every rank
+        diagnostic_noise = torch.Generator(device).manual_seed(seed_from(args.seed, epoch, DIAGNOSTIC_NOISE))
         sampler.set_epoch(epoch)
         loader = DataLoader(
             dataset, batch_size=args.batch_size // processes_count, sampler=sampler, drop_last=True,
@@ -318,7 +341,7 @@ def train_on(device: torch.device, args: argparse.Namespace) -> Path:
         network.train()
         started = time.time()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch", disable=not is_main())
-        for batch in bar:
+        for index, batch in enumerate(bar):
             views = batch_views(batch.to(device, non_blocking=True)) if args.augment == "batched" else batch
             x1, x2 = (view.to(device, non_blocking=True, memory_format=memory_format) for view in views)
             momentum = None
@@ -326,13 +349,15 @@ def train_on(device: torch.device, args: argparse.Namespace) -> Path:
                 momentum = (cosine_schedule(step, total_steps, args.target_momentum, 1.0)
                             if args.cosine_target_momentum else args.target_momentum)
             output, losses = training_step(network, optimizer, x1, x2, args, autocast, momentum, gumbel)
+            step += 1  # steps are counted from 1, in messages, the CSV and TensorBoard alike
             log.add_losses(losses, step)
-            step += 1
-            if step % args.print_freq == 0:  # the only place the step's values reach the host
+            # The only place the step's values reach the host: every --print_freq steps, and
+            # the epoch's last step, so that every epoch has diagnostics to warn from.
+            if step % args.print_freq == 0 or index == len(loader) - 1:
                 log.stop_if_nonfinite(epoch, last)
                 mean_losses = sum_over_ranks(torch.stack([v.detach() for v in losses.values()])) / processes_count
                 values = dict(zip(losses, mean_losses.tolist()))
-                diagnostics = step_diagnostics(output)
+                diagnostics = step_diagnostics(output, diagnostic_noise)
                 log.add_diagnostics(diagnostics)
                 if writer is not None:
                     for name, value in {**values, **diagnostics, "lr": lr}.items():

@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny synthetic demo set and tiny run options, so the suite stays fast on 2 CPU cores."""
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,12 @@ def tiny_run_args(data_dir: Path, save_path: Path, *extra: str) -> list[str]:
         str(data_dir), "--save_path", str(save_path), "--device", "cpu", "--image_size", "32",
         "--batch_size", "16", "--num_worker", "0", "--num_clusters", "8", "--print_freq", "1", *extra,
     ]
+
+
+def epochs_csv(save_path: Path) -> list[dict]:
+    """The rows of a run's logs/epochs.csv."""
+    with open(save_path / "logs" / "epochs.csv") as handle:
+        return list(csv.DictReader(handle))
 
 
 @pytest.fixture(scope="session")

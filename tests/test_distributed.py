@@ -8,7 +8,6 @@ optimizer step and the momentum target.
 """
 from __future__ import annotations
 
-import csv
 import json
 import os
 import signal
@@ -27,7 +26,7 @@ from clusiam.config import parse_config
 from clusiam.knn_eval import main as evaluate_knn
 from clusiam.models import PretrainModel
 from clusiam.train import train
-from conftest import tiny_run_args
+from conftest import epochs_csv, tiny_run_args
 from distributed_workers import WORLD, collectives_worker, one_step, one_step_worker, spawn
 from mil.compute_feats import main as compute_feats
 
@@ -97,11 +96,6 @@ def finish(process: subprocess.Popen, timeout: float = 300) -> str:
 
 def pretrain_args(data_dir: Path, save_path: Path, *extra: str) -> list[str]:
     return [str(REPO / "pretrain.py"), *tiny_run_args(data_dir, save_path, "--model_type", "clubyol", *extra)]
-
-
-def epochs_csv(save_path: Path) -> list[dict]:
-    with open(save_path / "logs" / "epochs.csv") as handle:
-        return list(csv.DictReader(handle))
 
 
 def test_torchrun_trains_writes_once_and_resumes_on_any_number_of_processes(tiny_demo, tiny_checkpoint, tmp_path):

@@ -11,7 +11,7 @@ from clusiam.checkpoint import load_checkpoint, save_checkpoint
 from clusiam.config import ConfigError, parse_config
 from clusiam.models import PretrainModel
 from clusiam.train import build_optimizer, main, set_learning_rate, train
-from conftest import tiny_run_args
+from conftest import epochs_csv, tiny_run_args
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,6 +96,31 @@ def test_resume_auto_starts_fresh_then_continues_from_last_pth(tiny_demo, tmp_pa
     assert (load_checkpoint(continued)["epoch"], load_checkpoint(continued)["step"]) == (2, 8)
 
 
+def test_a_run_never_overwrites_another_and_a_finished_one_has_nothing_left_to_train(tiny_demo, tmp_path, capsys):
+    first = train(parse_config(tiny_run_args(tiny_demo, tmp_path, "--epochs", "1")))
+    saved = first.read_bytes()
+    with pytest.raises(ConfigError, match="last.pth is from an earlier run: pass --resume auto to continue it"):
+        train(parse_config(tiny_run_args(tiny_demo, tmp_path, "--epochs", "1", "--model_type", "simsiam")))
+    assert first.read_bytes() == saved and len(epochs_csv(tmp_path)) == 1
+    capsys.readouterr()
+    again = train(parse_config(tiny_run_args(tiny_demo, tmp_path, "--epochs", "1", "--resume", "auto", "--lr", "0.1")))
+    out = capsys.readouterr().out
+    assert again == first and first.read_bytes() == saved
+    assert "--lr 0.1 (was 0.05)" in out and "already holds 1 epochs (--epochs 1): nothing to train" in out
+    with pytest.raises(ConfigError, match="the built-in demo set has 64 px patches, smaller than --image_size 224"):
+        train(parse_config(["--save_path", str(tmp_path / "demo"), "--device", "cpu"]))
+    assert not (tmp_path / "demo" / "demo_data").exists()
+
+
+def test_how_often_a_run_logs_never_changes_what_it_trains(tiny_demo, tmp_path):
+    often, rarely = (train(parse_config(tiny_run_args(tiny_demo, tmp_path / name, "--epochs", "1", "--print_freq", freq)))
+                     for name, freq in (("often", "1"), ("rarely", "3")))
+    a, b = final_weights(often), final_weights(rarely)
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    rows = epochs_csv(tmp_path / "rarely")  # logged at step 3 and at the epoch's last step, 4
+    assert rows[0]["step"] == "4" and float(rows[0]["clusters_argmax"]) >= 1
+
+
 def test_resume_refuses_a_different_architecture(tiny_demo, tmp_path):
     first = train(parse_config(tiny_run_args(tiny_demo, tmp_path / "run", "--epochs", "1")))
     with pytest.raises(ConfigError, match="--num_clusters 8, not 9"):
@@ -109,11 +134,12 @@ def test_resume_refuses_a_different_architecture(tiny_demo, tmp_path):
 def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_demo, tmp_path, capsys):
     good = train(parse_config(tiny_run_args(tiny_demo, tmp_path / "run", "--epochs", "1")))
     saved = good.read_bytes()
-    # A NaN learning rate poisons the weights at the first step of epoch 2 (step 4), so the loss of step 5 is NaN.
+    # 4 steps per epoch, counted from 1: a NaN learning rate poisons the weights at step 5, the first of
+    # epoch 2, so the loss of step 6 is NaN.
     code = main(tiny_run_args(tiny_demo, tmp_path / "run", "--epochs", "2", "--resume", str(good), "--lr", "nan",
                               "--save_freq", "1"))
     assert code == 2
-    assert "non-finite at step 5 (epoch 2)" in capsys.readouterr().out
+    assert "non-finite at step 6 (epoch 2)" in capsys.readouterr().out
     assert good.read_bytes() == saved
     assert not (tmp_path / "run" / "checkpoint_0002.pth").exists()
 
