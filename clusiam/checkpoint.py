@@ -21,7 +21,8 @@ from clusiam.models import PretrainModel
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("epoch", "step", "state_dict", "config", "normalization")
-ARCHITECTURE_OPTIONS = ("model_type", "backbone", "feat_size", "num_clusters")  # what builds the network
+# Options that define the network: a checkpoint resumes only a run that agrees on them.
+ARCHITECTURE_OPTIONS = ("model_type", "backbone", "feat_size", "num_clusters")
 
 
 class CheckpointError(UserError):

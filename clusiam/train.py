@@ -43,8 +43,6 @@ from clusiam.losses import byol_invariance, cluster_similarity, simsiam_invarian
 from clusiam.models import Method, PretrainModel, PretrainOutput
 from clusiam.monitor import CLUSTER_DIAGNOSTICS, cluster_diagnostics, collapse_warnings, projection_std
 
-# Options that define the network: a checkpoint can only resume a run that agrees on them.
-
 
 class NonFiniteLossError(UserError):
     """The loss became NaN or infinite; nothing was saved over the last good checkpoint."""
