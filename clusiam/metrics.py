@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -22,6 +21,7 @@ from sklearn.metrics import (
 )
 
 from clusiam.atomic import write_atomically
+from clusiam.data import write_csv
 from clusiam.distributed import is_main
 from clusiam.errors import run_command
 
@@ -81,14 +81,10 @@ def write_per_slide_accuracy(path: Path, slides: Sequence[str], y_true: Sequence
         row[1] += truth == prediction
         row[2] += truth == positive
         row[3] += prediction == positive
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        counts = [f"true_{positive}", f"predicted_{positive}"] if positive else []
-        writer.writerow(["slide", "patches", "correct", "accuracy", *counts])
-        for slide in sorted(rows):
-            patches, correct, true_positive, predicted_positive = rows[slide]
-            writer.writerow([slide, patches, correct, round(correct / patches, 4),
-                             *([true_positive, predicted_positive] if positive else [])])
+    counts = [f"true_{positive}", f"predicted_{positive}"] if positive else []
+    write_csv(path, ["slide", "patches", "correct", "accuracy", *counts],
+              [[slide, patches, correct, round(correct / patches, 4), *(positives if positive else [])]
+               for slide, (patches, correct, *positives) in sorted(rows.items())])
 
 
 def save_report(out: Path, report: dict, markdown: Sequence[str]) -> None:

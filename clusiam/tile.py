@@ -12,7 +12,6 @@ patches appear only once the slide is complete, so one that fails leaves none be
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import shutil
@@ -390,11 +389,8 @@ def tile(args: argparse.Namespace) -> dict:
                 tqdm.write(f"skipped {futures[future]}: {error}")
     shutil.rmtree(index_dir / STAGING, ignore_errors=True)
     patch_labels = [label for row in rows for label in row.pop("patch_labels")]
-    with open(index_dir / "tiles.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["slide", "tiles", "tissue_area_mm2", "mpp", "level", "otsu_threshold",
-                                                    "tumor_tiles", "seconds"])
-        writer.writeheader()
-        writer.writerows(rows)
+    columns = ("slide", "tiles", "tissue_area_mm2", "mpp", "level", "otsu_threshold", "tumor_tiles", "seconds")
+    write_csv(index_dir / "tiles.csv", columns, [[row[column] for column in columns] for row in rows])
     if args.annotations is not None:
         relative = Path("..") / args.out.name if index_dir.parent == args.out.parent else args.out
         write_csv(index_dir / "patch_labels.csv", ("path", "label", "slide"),

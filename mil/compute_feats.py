@@ -75,13 +75,18 @@ def coordinates(files: Sequence[Path]) -> np.ndarray | None:
     return np.array([[int(m.group(1)), int(m.group(2))] for m in matches], dtype=np.int64)
 
 
-def is_done(path: Path, encoding: dict) -> bool:
-    """Whether ``path`` is a whole bag encoded the way ``encoding`` (attribute: value) says."""
+def bag_encoding(handle: h5py.File) -> tuple:
+    """How a bag was made: the values of its ENCODING_ATTRIBUTES (None where one is absent)."""
+    return tuple(handle.attrs.get(name) for name in ENCODING_ATTRIBUTES)
+
+
+def is_done(path: Path, encoding: tuple) -> bool:
+    """Whether ``path`` is a whole bag made the way ``encoding`` (see :func:`bag_encoding`) says."""
     if not path.is_file():
         return False
     try:
         with h5py.File(path, "r") as handle:
-            return all(handle.attrs.get(name) == value for name, value in encoding.items())
+            return bag_encoding(handle) == encoding
     except OSError:  # a file cut short by a crash: redo it
         return False
 
@@ -112,9 +117,8 @@ def compute_on(device: torch.device, args: argparse.Namespace) -> dict[str, int]
     model, state = load_pretrained(args.checkpoint)
     encoder = feature_extractor(model, args.feature)
     # HDF5 attributes cannot hold None, so no resize is stored as 0.
-    encoding = dict(zip(ENCODING_ATTRIBUTES, (file_digest(Path(args.checkpoint)), args.feature, args.resize or 0,
-                                              precision(device))))
-    attributes = {**encoding, "checkpoint": str(args.checkpoint),
+    encoding = (file_digest(Path(args.checkpoint)), args.feature, args.resize or 0, precision(device))
+    attributes = {**dict(zip(ENCODING_ATTRIBUTES, encoding)), "checkpoint": str(args.checkpoint),
                   "model_type": state["config"]["model_type"], "backbone": state["config"]["backbone"]}
     slides = slide_patches(root)
     missing = sorted(set(read_table(args.labels, ("slide", "label"))) - set(slides)) if args.labels else []

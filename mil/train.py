@@ -34,7 +34,7 @@ from tqdm import tqdm
 from clusiam.config import ConfigError, resolve_device
 from clusiam.data import DataError, read_table, write_csv
 from clusiam.metrics import report_command, save_report
-from mil.compute_feats import ENCODING_ATTRIBUTES
+from mil.compute_feats import ENCODING_ATTRIBUTES, bag_encoding
 from mil.dsmil import AGGREGATORS
 
 SPLITS = ("train", "val", "test")
@@ -123,8 +123,8 @@ def runs(split: dict[str, str], labels: dict[str, str], folds: int, seeds: int, 
 
 def check_bags(folder: Path, slides: Sequence[str]) -> None:
     """Before any training: every slide has a bag with patches, and all bags were made alike
-    (one feature width, checkpoint, feature type and resize). Only shapes and attributes are
-    read here; the test slides' features stay unread until the end."""
+    (one feature width and one :func:`mil.compute_feats.bag_encoding`). Only shapes and
+    attributes are read here; the test slides' features stay unread until the end."""
     missing = [s for s in slides if not (folder / f"{s}.h5").is_file()]
     if missing:
         raise DataError(f"{len(missing)} slide(s) have no features in {folder}, e.g. {missing[0]}.h5: "
@@ -135,7 +135,7 @@ def check_bags(folder: Path, slides: Sequence[str]) -> None:
         try:
             with h5py.File(path, "r") as handle:
                 shape = handle["features"].shape
-                made = (shape[1:], *(handle.attrs.get(name) for name in ENCODING_ATTRIBUTES))
+                made = (shape[1:], *bag_encoding(handle))
         except (OSError, KeyError) as error:
             raise DataError(f"{path} is not a feature bag ({error}): run mil.compute_feats again for {slide}") from None
         if shape[0] == 0:
@@ -144,7 +144,7 @@ def check_bags(folder: Path, slides: Sequence[str]) -> None:
             first = (slide, made)
         elif made != first[1]:
             raise DataError(f"{folder}: the bags of {first[0]} and {slide} were made differently (feature shape, "
-                            f"checkpoint SHA-256, feature, resize: {first[1]} and {made}); encode every slide alike")
+                            f"{', '.join(ENCODING_ATTRIBUTES)}: {first[1]} and {made}); encode every slide alike")
 
 
 def load_bag(folder: Path, slide: str, label: str, device: torch.device) -> Bag:
