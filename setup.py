@@ -30,6 +30,7 @@ setup(
         "timm",
         "safetensors",
     ],
-    # transformers' SegformerModel is the independent reference the MiT-B1 tests compare against.
-    extras_require={"test": ["pytest", "transformers"]},
+    # transformers' SegformerModel is the independent reference the MiT-B1 tests compare against;
+    # ruff lints the code (ruff.toml) before the tests run.
+    extras_require={"test": ["pytest", "transformers", "ruff~=0.17.0"]},
 )

@@ -30,10 +30,12 @@ def main() -> None:
     rng = np.random.default_rng(0)
     bank = l2_normalize(rng.standard_normal((args.n_train, args.dim), dtype=np.float32))
     queries = l2_normalize(rng.standard_normal((args.n_test, args.dim), dtype=np.float32))
-    print(f"{args.n_train} x {args.n_test} x {args.dim}, {os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}"
+    print(f"{args.n_train} x {args.n_test} x {args.dim}, {os.cpu_count()} CPU cores, "
+          f"{platform.processor() or platform.machine()}"
           f"{', GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else ''}")
 
-    available = [b for b in BACKENDS if (b != "faiss-gpu" or faiss_gpu_usable()) and (b != "torch-cuda" or torch.cuda.is_available())]
+    available = [b for b in BACKENDS
+                 if (b != "faiss-gpu" or faiss_gpu_usable()) and (b != "torch-cuda" or torch.cuda.is_available())]
     timings, neighbours = {}, {}
     for backend in available:
         search(bank[:1000], queries[:10], 1, backend)  # warm-up (CUDA context, BLAS threads)

@@ -46,7 +46,8 @@ def main() -> None:
         values = {augment: [r[name] for r in rows] for augment, rows in results.items()}
         spread = statistics.pstdev(values["batched"] + values["pil"]) or float("nan")
         gap = statistics.mean(values["batched"]) - statistics.mean(values["pil"])
-        print(f"{name:<11} batched {statistics.mean(values['batched']):+.4f} +- {statistics.pstdev(values['batched']):.4f}"
+        print(f"{name:<11} batched {statistics.mean(values['batched']):+.4f} "
+              f"+- {statistics.pstdev(values['batched']):.4f}"
               f"   pil {statistics.mean(values['pil']):+.4f} +- {statistics.pstdev(values['pil']):.4f}"
               f"   gap {gap:+.4f} = {gap / spread:+.2f} x pooled std   per seed: "
               + ", ".join(f"{b:+.4f}/{p:+.4f}" for b, p in zip(values["batched"], values["pil"])))

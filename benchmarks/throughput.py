@@ -24,13 +24,15 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from clusiam.augment import BatchViews, TwoViews, paper_augmentation
-from clusiam.config import parse_config, resolve_device
-from clusiam.data import PatchDataset, find_images, uint8_tensor
+from clusiam.config import parse_config
 from clusiam.demo import CMU_SLIDE
+from clusiam.distributed import resolve_device
+from clusiam.images import find_images, uint8_tensor
 from clusiam.models import PretrainModel
-from clusiam.train import build_optimizer, training_step
+from clusiam.sources import FolderSource
+from clusiam.step import LossSettings, build_optimizer, training_step
 
-# Camelyon16 20x statistics (METHOD.md); the statistics do not change the speed.
+# Camelyon16 20x statistics (Wu et al., ICCV 2023, the authors' code); they do not change the speed.
 MEAN, STD = [0.6684, 0.5115, 0.6791], [0.2521, 0.2875, 0.2100]
 
 
@@ -95,7 +97,8 @@ def main() -> None:
         make_patches(args.patches, args.make_patches, args.patch_size)
     files = find_images(args.patches, "--patches")
     device = resolve_device(args.device)
-    config = parse_config(["--model_type", args.model_type, "--batch_size", str(args.batch_size), "--device", str(device)])
+    config = parse_config(["--model_type", args.model_type, "--batch_size", str(args.batch_size),
+                           "--device", str(device)])
     on_gpu = device.type == "cuda"
     torch.backends.cudnn.benchmark = on_gpu
     memory_format = torch.channels_last if on_gpu else torch.preserve_format
@@ -108,10 +111,11 @@ def main() -> None:
                                       config.weight_decay, config.fix_pred_lr)
 
     def loader(transform):
-        return endless(DataLoader(PatchDataset(files, transform), batch_size=args.batch_size, shuffle=True,
+        return endless(DataLoader(FolderSource(files).dataset(transform), batch_size=args.batch_size, shuffle=True,
                                   drop_last=True, num_workers=args.num_workers, pin_memory=on_gpu,
                                   persistent_workers=args.num_workers > 0))
 
+    loss = LossSettings(config.alpha, config.tau, config.eps)
     momentum = config.target_momentum if config.model_type in ("clubyol", "byol") else None
     views = BatchViews(args.image_size, MEAN, STD)
     results = {}
@@ -121,23 +125,24 @@ def main() -> None:
     fixed = [v.contiguous(memory_format=memory_format) for v in views(resident.permute(0, 3, 1, 2).to(device))]
     precision = "bf16 + channels_last" if on_gpu else "fp32"
     results[f"model only (views on device), {precision}"] = measure(
-        lambda _: training_step(model, optimizer, *fixed, config, on_gpu, momentum), endless([None]),
+        lambda _: training_step(model, optimizer, *fixed, loss, on_gpu, momentum), endless([None]),
         args.steps, args.warmup, device)
 
     model, optimizer = fresh_model()
 
     def end_to_end(batch):
         x1, x2 = (v.contiguous(memory_format=memory_format) for v in views(batch.to(device, non_blocking=True)))
-        training_step(model, optimizer, x1, x2, config, on_gpu, momentum)
+        training_step(model, optimizer, x1, x2, loss, on_gpu, momentum)
 
-    results[f"end to end (batched views), {precision}"] = measure(end_to_end, loader(uint8_tensor), args.steps, args.warmup, device)
+    results[f"end to end (batched views), {precision}"] = measure(end_to_end, loader(uint8_tensor), args.steps,
+                                                                  args.warmup, device)
 
     if not args.skip_paper:
         model, optimizer = fresh_model(torch.preserve_format)
 
         def paper(batch):  # as the authors ran it: default precision and memory layout
             x1, x2 = (v.to(device, non_blocking=True) for v in batch)
-            training_step(model, optimizer, x1, x2, config, False, momentum)
+            training_step(model, optimizer, x1, x2, loss, False, momentum)
 
         results["paper pipeline (PIL in workers), fp32"] = measure(
             paper, loader(TwoViews(paper_augmentation(args.image_size, MEAN, STD))), args.steps, args.warmup, device)

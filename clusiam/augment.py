@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -185,7 +186,8 @@ def colour_jitter(images: torch.Tensor, factors: torch.Tensor, hue: torch.Tensor
         brightness, contrast, saturation = (op == 0), (op == 1), (op == 2)
         factor = torch.where(brightness, factors[:, 0], torch.where(contrast, factors[:, 1],
                              torch.where(saturation, factors[:, 2], ones)))
-        images = blend(images, factor, torch.where(saturation, 1 - factor, zeros), torch.where(contrast, 1 - factor, zeros))
+        images = blend(images, factor, torch.where(saturation, 1 - factor, zeros),
+                       torch.where(contrast, 1 - factor, zeros))
         if len(rows[position]):
             shifted = shift_hue(images.index_select(0, rows[position]), hue.index_select(0, rows[position]))
             images = images.index_copy(0, rows[position], shifted)
@@ -243,7 +245,7 @@ class ViewParams(NamedTuple):
     hed_scale: torch.Tensor  # (N, 3)
     hed_shift: torch.Tensor  # (N, 3)
 
-    def to_device(self, device: torch.device) -> "ViewParams":
+    def to_device(self, device: torch.device) -> ViewParams:
         """The draws on ``device``, in one copy."""
         if device.type != "cuda":
             return ViewParams(*(t.to(device) for t in self))
@@ -278,7 +280,8 @@ class BatchViews:
     """Two augmented, normalised views of a uint8 batch (N, 3, H, W), every parameter
     drawn per image and per view; the pixel work runs on the batch's device."""
 
-    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float], recipe: ViewRecipe = ViewRecipe()) -> None:
+    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float],
+                 recipe: ViewRecipe = ViewRecipe()) -> None:
         self.image_size = image_size
         self.mean = torch.tensor(mean).view(1, 3, 1, 1)
         self.std = torch.tensor(std).view(1, 3, 1, 1)
@@ -299,7 +302,8 @@ class BatchViews:
         # Blur only the images that drew it; their indices are known on the host, no sync.
         blurred = to_device(params.blurred.nonzero().squeeze(1), device)
         if len(blurred):
-            out = out.index_copy(0, blurred, gaussian_blur(out.index_select(0, blurred), p.sigma.index_select(0, blurred)))
+            out = out.index_copy(0, blurred,
+                                 gaussian_blur(out.index_select(0, blurred), p.sigma.index_select(0, blurred)))
         return (out - self.mean) / self.std
 
     def __call__(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

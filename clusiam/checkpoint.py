@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from clusiam.atomic import write_atomically
-from clusiam.errors import UserError
+from clusiam.errors import CheckpointError
+from clusiam.files import write_atomically
 from clusiam.models import PretrainModel
 
 FORMAT_VERSION = 1
@@ -24,9 +24,6 @@ REQUIRED_KEYS = ("epoch", "step", "state_dict", "config", "normalization")
 # Options that define the network: a checkpoint resumes only a run that agrees on them.
 ARCHITECTURE_OPTIONS = ("model_type", "backbone", "feat_size", "num_clusters")
 
-
-class CheckpointError(UserError):
-    """A file that is missing or is not a clusiam checkpoint."""
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
@@ -42,9 +39,11 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise CheckpointError(f"{path} is not a readable clusiam checkpoint ({type(error).__name__}: {error})") from error
+        raise CheckpointError(f"{path} is not a readable clusiam checkpoint "
+                              f"({type(error).__name__}: {error})") from error
     if not isinstance(state, dict):
-        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a clusiam checkpoint (the dict pretrain.py writes)")
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a clusiam checkpoint "
+                              "(the dict pretrain.py writes)")
     missing = [key for key in REQUIRED_KEYS if key not in state]
     if isinstance(state.get("config"), dict):
         missing += [f"config.{key}" for key in ARCHITECTURE_OPTIONS if key not in state["config"]]
@@ -62,5 +61,6 @@ def load_pretrained(path: str | os.PathLike) -> tuple[PretrainModel, dict[str, A
     try:
         model.load_state_dict(state["state_dict"])
     except RuntimeError as error:
-        raise CheckpointError(f"{path}: weights do not fit a {config['model_type']}/{config['backbone']} network ({error})") from error
+        raise CheckpointError(f"{path}: weights do not fit a {config['model_type']}/{config['backbone']} network "
+                              f"({error})") from error
     return model.eval(), state

@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-import torch
 import yaml
 
 from clusiam.backbones import backbone_family
-from clusiam.errors import UserError
+from clusiam.distributed import add_dist_timeout
+from clusiam.errors import ConfigError
 from clusiam.models import METHODS
-
-
-class ConfigError(UserError):
-    """An option or config file that cannot be used, with a message saying why."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -32,38 +29,11 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
-def resolve_device(name: str) -> torch.device:
-    """The device of a ``--device`` option: auto (a GPU when one is visible), cpu, cuda, cuda:N."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: no CUDA GPU is visible; use --device cpu")
-    return device
-
-
-def positive_minutes(text: str) -> float:
-    minutes = float(text)
-    if not minutes > 0:
-        raise argparse.ArgumentTypeError(f"must be positive minutes (got {text})")
-    return minutes
-
-
-def add_dist_timeout(parser: argparse.ArgumentParser | argparse._ArgumentGroup, longest_wait: str) -> None:
-    """``--dist_timeout``: how long a torchrun process waits in a collective before failing;
-    it has to cover the longest time one process works while the others wait."""
-    parser.add_argument("--dist_timeout", default=30.0, type=positive_minutes,
-                        help=f"under torchrun: minutes a process waits for the others in a collective before it "
-                             f"fails (covers {longest_wait})")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="pretrain.py",
-        description="Pretrain an encoder with CluSiam / CluBYOL (Wu et al., ICCV 2023) or the SimSiam / BYOL baselines.",
+        description="Pretrain an encoder with CluSiam / CluBYOL (Wu et al., ICCV 2023) "
+                    "or the SimSiam / BYOL baselines.",
     )
     parser.add_argument("data_dir", nargs="?", default=None, metavar="DATA_DIR",
                         help="folder of patch images at any depth; omit to train on the built-in demo set")
@@ -87,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", default=50, type=int)
     optim.add_argument("--start_epoch", default=0, type=int, help="ignored when --resume gives the epoch")
-    optim.add_argument("--lr", default=0.05, type=float, help="base learning rate; the SGD rate is lr * batch_size / 256")
+    optim.add_argument("--lr", default=0.05, type=float,
+                       help="base learning rate; the SGD rate is lr * batch_size / 256")
     optim.add_argument("--weight_decay", default=1e-4, type=float)
     optim.add_argument("--momentum", default=0.9, type=float, help="SGD momentum")
     optim.add_argument("--fix_pred_lr", default=None, action=argparse.BooleanOptionalAction,
@@ -115,17 +86,21 @@ def build_parser() -> argparse.ArgumentParser:
                       help="pathology option: random rotations by 0, 90, 180 or 270 degrees")
     data.add_argument("--hed_jitter", default=0.0, type=float,
                       help="pathology option: H&E stain jitter strength (Tellez et al. 2018 use 0.05); 0 = off")
-    data.add_argument("--mean", default=None, type=float, nargs=3, help="per-channel mean (default: computed over the training files)")
-    data.add_argument("--std", default=None, type=float, nargs=3, help="per-channel std (default: computed over the training files)")
+    data.add_argument("--mean", default=None, type=float, nargs=3,
+                      help="per-channel mean (default: computed over the training files)")
+    data.add_argument("--std", default=None, type=float, nargs=3,
+                      help="per-channel std (default: computed over the training files)")
     data.add_argument("--skip_bad_files", default=False, action=argparse.BooleanOptionalAction,
-                      help="leave unreadable or too-small images out (listed in SAVE_PATH/skipped_files.txt) instead of stopping")
+                      help="leave unreadable or too-small images out (listed in SAVE_PATH/skipped_files.txt) "
+                           "instead of stopping")
 
     logging = parser.add_argument_group("logging and checkpoints")
     logging.add_argument("--print_freq", default=10, type=int, help="steps between logged scalars")
     logging.add_argument("--save_freq", default=10, type=int, help="epochs between checkpoints")
     logging.add_argument("--save_path", default=None,
                          help="run folder for checkpoints, statistics and logs (default: runs/<model_type>)")
-    logging.add_argument("--log_dst", default=None, help="folder for TensorBoard and the CSV log (default: SAVE_PATH/logs)")
+    logging.add_argument("--log_dst", default=None,
+                         help="folder for TensorBoard and the CSV log (default: SAVE_PATH/logs)")
     logging.add_argument("--resume", default=None, metavar="CHECKPOINT",
                          help="continue the run saved in this checkpoint (any number of processes); auto: "
                               "SAVE_PATH/last.pth if it exists. A torchrun restart resumes from it by itself")

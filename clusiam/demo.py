@@ -30,9 +30,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from clusiam.augment import RGB_FROM_HED
-from clusiam.config import ConfigError
-from clusiam.data import write_csv
-from clusiam.errors import run_command
+from clusiam.errors import ConfigError, run_command
+from clusiam.tables import write_csv
 
 CMU_SLIDE = Path(__file__).parent / "assets" / "cmu_small_region.svs"
 DEMO_VERSION = 2

@@ -8,19 +8,49 @@ what the CPU tests use).
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
+from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
-from typing import Callable, Iterator, Sequence, TypeVar
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from lightly.utils.dist import gather, world_size
 from torch import Tensor, nn
 
-from clusiam.config import ConfigError, resolve_device
+from clusiam.errors import ConfigError
 
 T = TypeVar("T")
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device of a ``--device`` option: auto (a GPU when one is visible), cpu, cuda, cuda:N."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA GPU is visible; use --device cpu")
+    return device
+
+
+def positive_minutes(text: str) -> float:
+    minutes = float(text)
+    if not minutes > 0:
+        raise argparse.ArgumentTypeError(f"must be positive minutes (got {text})")
+    return minutes
+
+
+def add_dist_timeout(parser: argparse.ArgumentParser | argparse._ArgumentGroup, longest_wait: str) -> None:
+    """``--dist_timeout``: how long a torchrun process waits in a collective before failing;
+    it has to cover the longest time one process works while the others wait."""
+    parser.add_argument("--dist_timeout", default=30.0, type=positive_minutes,
+                        help=f"under torchrun: minutes a process waits for the others in a collective before it "
+                             f"fails (covers {longest_wait})")
 
 
 def launched_by_torchrun() -> bool:

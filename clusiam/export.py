@@ -19,18 +19,17 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
 from torchvision import models
 
-from clusiam.atomic import write_atomically
 from clusiam.backbones import backbone_family, build_timm
 from clusiam.checkpoint import load_pretrained
-from clusiam.data import file_digest
-from clusiam.errors import UserError, run_command
+from clusiam.errors import ExportError, run_command
+from clusiam.files import file_digest, write_atomically
 from clusiam.mit import MixVisionTransformer
 
 LPD_KEYS_FILE = Path(__file__).parent / "assets" / "lpd_mit_b1_keys.tsv"
@@ -39,9 +38,6 @@ BACKBONES_OF_FORMAT = {"lpd": "mit_b1", "torchvision": "resnet18 or resnet50", "
 SETTINGS = ("model_type", "backbone", "feat_size", "num_clusters", "alpha", "epochs", "batch_size", "lr",
             "weight_decay", "fix_pred_lr", "image_size", "augment", "seed")
 
-
-class ExportError(UserError):
-    """A checkpoint that cannot give the requested file."""
 
 
 def lpd_layout() -> dict[str, tuple[int, ...]]:
@@ -95,7 +91,8 @@ def metadata(state: dict, fmt: str, bgr: bool, checkpoint: Path) -> dict:
     return {
         "format": fmt, "architecture": config["backbone"],
         "input_channel_order": "BGR" if bgr else "RGB",
-        "normalization": {"mean": [mean[i] for i in order], "std": [std[i] for i in order], "scale": "pixel values / 255"},
+        "normalization": {"mean": [mean[i] for i in order], "std": [std[i] for i in order],
+                          "scale": "pixel values / 255"},
         "patch_size": config.get("image_size"),
         "patch_mpp": config.get("patch_mpp"),  # pretrain.py --patch_mpp; None when not given
         "method": config["model_type"], "settings": {k: config.get(k) for k in SETTINGS},
@@ -109,7 +106,8 @@ def export(checkpoint: Path, fmt: str, out: Path, bgr: bool = False, safetensors
     if bgr and fmt != "lpd":
         raise ExportError("--bgr applies to --format lpd (LPD reads images with OpenCV)")
     if safetensors and fmt == "lpd":
-        raise ExportError("--safetensors cannot go with --format lpd: LPD reads ./pretrained/mit_b1.pth with torch.load")
+        raise ExportError("--safetensors cannot go with --format lpd: "
+                          "LPD reads ./pretrained/mit_b1.pth with torch.load")
     if out.suffix == ".json":
         raise ExportError(f"--out {out}: the weights need their own name; the JSON is written beside them")
     model, state = load_pretrained(checkpoint)
@@ -129,7 +127,8 @@ def export(checkpoint: Path, fmt: str, out: Path, bgr: bool = False, safetensors
     else:
         write_atomically(out, lambda path: torch.save(weights, path))
     write_atomically(out.with_suffix(".json"), lambda path: path.write_text(json.dumps(info, indent=2)))
-    print(f"wrote {out} ({len(weights)} tensors, {sum(t.numel() for t in weights.values()):,} values) and {out.with_suffix('.json')}")
+    print(f"wrote {out} ({len(weights)} tensors, {sum(t.numel() for t in weights.values()):,} values) "
+          f"and {out.with_suffix('.json')}")
     return out
 
 

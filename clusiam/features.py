@@ -8,8 +8,8 @@ its share into a part file and rank 0 assembles them in the original order.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -19,9 +19,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from clusiam.atomic import write_atomically
-from clusiam.data import DataError, file_list_key, load_rgb, uint8_tensor
 from clusiam.distributed import barrier, is_main, main_computes, rank, shard, world_size
+from clusiam.errors import DataError
+from clusiam.files import file_list_key, write_atomically
+from clusiam.images import load_rgb, uint8_tensor
 from clusiam.models import PretrainModel
 
 FEATURE_TYPES = ("backbone", "projector")
@@ -120,7 +121,8 @@ def write_features(path: Path, compute: Callable[[Callable[[tuple[int, int]], np
 
 
 def cached_encode(cache_dir: Path, identity: str, encoder: nn.Module, files: Sequence[Path],
-                  mean: Sequence[float], std: Sequence[float], device: torch.device, **options) -> tuple[np.ndarray, bool]:
+                  mean: Sequence[float], std: Sequence[float], device: torch.device,
+                  **options) -> tuple[np.ndarray, bool]:
     """:func:`encode`, stored as ``cache_dir/<key>.npy`` and memory-mapped back. The key
     covers ``identity`` (which encoder: e.g. the checkpoint's content digest and feature
     type), the exact file list, the normalisation, the precision and the options. Returns

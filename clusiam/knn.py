@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from clusiam.config import ConfigError
+from clusiam.errors import ConfigError
 
 BACKENDS = ("faiss-gpu", "torch-cuda", "faiss-cpu", "torch-cpu")
 QUERY_CHUNK = 4096

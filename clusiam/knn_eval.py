@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -22,19 +22,20 @@ from lightly.utils.dist import print_rank_zero
 from torch import nn
 
 from clusiam.checkpoint import load_pretrained
-from clusiam.config import ConfigError, add_dist_timeout
-from clusiam.data import DataError, LabelledPatches, file_digest, read_labelled_patches, split_overlap
-from clusiam.distributed import is_main, processes
+from clusiam.distributed import add_dist_timeout, is_main, processes
+from clusiam.errors import ConfigError, DataError, report_command
 from clusiam.features import FEATURE_TYPES, PixelFeatures, cached_encode, feature_extractor
+from clusiam.files import file_digest
 from clusiam.knn import BACKENDS, choose_backend, l2_normalize, search, vote
 from clusiam.metrics import (
     classification_metrics,
     plot_confusion_matrix,
-    report_command,
+    positive_class,
     save_report,
     write_per_slide_accuracy,
 )
 from clusiam.models import PretrainModel
+from clusiam.splits import LabelledPatches, read_labelled_patches, split_overlap
 
 PIXEL_BASELINE_SIZE = 16  # raw-pixel baseline: 16 x 16 x 3 = 768 values
 
@@ -55,20 +56,25 @@ class Encoder:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evaluate_knn.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", nargs="+", required=True, help="one or more clusiam checkpoints")
-    parser.add_argument("--train", required=True, help="training patches: root/<class>/<slide>/<patch> or a CSV (path, label, slide)")
+    parser.add_argument("--train", required=True,
+                        help="training patches: root/<class>/<slide>/<patch> or a CSV (path, label, slide)")
     parser.add_argument("--test", required=True, help="test patches, as --train")
     parser.add_argument("--out", required=True, help="report folder")
     parser.add_argument("--positive", default=None, help="positive class for binary F1 (default: tumor when present)")
-    parser.add_argument("--k", type=int, nargs="+", default=[1], help="neighbours; 1 is the paper's score (e.g. --k 1 5 20 200)")
-    parser.add_argument("--feature", default="backbone", choices=FEATURE_TYPES, help="backbone output (the paper's) or projector output")
+    parser.add_argument("--k", type=int, nargs="+", default=[1],
+                        help="neighbours; 1 is the paper's score (e.g. --k 1 5 20 200)")
+    parser.add_argument("--feature", default="backbone", choices=FEATURE_TYPES,
+                        help="backbone output (the paper's) or projector output")
     parser.add_argument("--backend", default="auto", choices=["auto", *BACKENDS])
     parser.add_argument("--device", default="auto", help="where features are computed: auto, cpu, cuda, cuda:N")
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--num_workers", type=int, default=4)
     parser.add_argument("--resize", type=int, default=None, help="bring every patch to N x N pixels before encoding")
     parser.add_argument("--cache_dir", default=None, help="feature cache (default: OUT/cache)")
-    parser.add_argument("--allow_overlap", action="store_true", help="evaluate even when train and test share slides or files")
-    parser.add_argument("--no_baselines", dest="baselines", action="store_false", help="skip the random-encoder and raw-pixel rows")
+    parser.add_argument("--allow_overlap", action="store_true",
+                        help="evaluate even when train and test share slides or files")
+    parser.add_argument("--no_baselines", dest="baselines", action="store_false",
+                        help="skip the random-encoder and raw-pixel rows")
     add_dist_timeout(parser, "rank 0 searching and writing the report while the others wait")
     return parser
 
@@ -99,16 +105,93 @@ def baseline_encoders(reference: dict) -> list[Encoder]:
     torch.manual_seed(0)
     random_model = PretrainModel(config["model_type"], config["backbone"], config["feat_size"], config["num_clusters"])
     return [
-        Encoder(f"random_{config['backbone']}", "backbone", random_model.backbone, normalization["mean"],
-                normalization["std"], f"random {config['model_type']} {config['backbone']} {config['feat_size']} seed0"),
-        Encoder("raw_pixels", f"pixels {PIXEL_BASELINE_SIZE}x{PIXEL_BASELINE_SIZE}", PixelFeatures(PIXEL_BASELINE_SIZE),
-                normalization["mean"], normalization["std"], f"pixels {PIXEL_BASELINE_SIZE}"),
+        Encoder(f"random_{config['backbone']}", "backbone", random_model.backbone,
+                normalization["mean"], normalization["std"],
+                f"random {config['model_type']} {config['backbone']} {config['feat_size']} seed0"),
+        Encoder("raw_pixels", f"pixels {PIXEL_BASELINE_SIZE}x{PIXEL_BASELINE_SIZE}",
+                PixelFeatures(PIXEL_BASELINE_SIZE), normalization["mean"], normalization["std"],
+                f"pixels {PIXEL_BASELINE_SIZE}"),
     ]
 
 
 def split_summary(patches: LabelledPatches) -> dict:
     return {"patches": len(patches.paths), "slides": len(set(patches.slides)),
             "classes": {c: patches.labels.count(c) for c in sorted(set(patches.labels))}}
+
+
+@dataclass
+class Splits:
+    """The labelled patches of one evaluation, checked: what is searched and what is scored."""
+
+    train: LabelledPatches
+    test: LabelledPatches
+    classes: list[str]
+    positive: str | None
+    warnings: list[str]  # what the report must say (an overlap the user allowed)
+
+    def counts(self) -> dict[str, int]:
+        return {f"{name}_{what}": split_summary(patches)[what]
+                for name, patches in (("train", self.train), ("test", self.test)) for what in ("patches", "slides")}
+
+
+def read_splits(args: argparse.Namespace) -> Splits:
+    """``--train`` and ``--test``, refused when they overlap (unless ``--allow_overlap``) or
+    when a ``--k`` cannot be searched."""
+    train, test = read_labelled_patches(args.train), read_labelled_patches(args.test)
+    problems = split_overlap(train, test)
+    if problems and not args.allow_overlap:
+        raise DataError("train and test overlap: " + "; ".join(problems) +
+                        ". Split by slide, or pass --allow_overlap to evaluate anyway (the report will say so)")
+    classes = sorted(set(train.labels) | set(test.labels))
+    if min(args.k) < 1 or max(args.k) > len(train.paths):
+        raise ConfigError(f"--k {' '.join(map(str, args.k))}: each k must lie between 1 and the "
+                          f"{len(train.paths)} training patches")
+    return Splits(train, test, classes, positive_class(classes, args.positive),
+                  [f"train/test overlap allowed by --allow_overlap: {p}" for p in problems])
+
+
+def all_encoders(args: argparse.Namespace) -> list[Encoder]:
+    """One encoder per checkpoint and, unless ``--no_baselines``, the two baselines; each
+    needs a report name (and folder) of its own."""
+    encoders, reference = checkpoint_encoders(args.checkpoint, args.feature)
+    if args.baselines:
+        encoders += baseline_encoders(reference)
+    names = [encoder.name for encoder in encoders]
+    if len(set(names)) < len(names):
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        raise ConfigError(f"two encoders would share the report name {repeated[0]} (and its folder): pass each "
+                          "checkpoint once, under paths that differ in more than punctuation")
+    return encoders
+
+
+def knn_rows(encoder: Encoder, features: dict[str, np.ndarray], splits: Splits, ks: Sequence[int], backend: str,
+             out: Path) -> list[dict]:
+    """Search once for the largest k and score every k; at the tables' k (the paper's k = 1
+    when asked for) also write the encoder's confusion matrix and per-slide accuracy."""
+    classes, test = splits.classes, splits.test
+    started = time.perf_counter()
+    similarities, indices = search(l2_normalize(features["train"]), l2_normalize(features["test"]), max(ks), backend)
+    search_seconds = round(time.perf_counter() - started, 3)
+    class_index = {c: i for i, c in enumerate(classes)}
+    bank_labels = np.array([class_index[c] for c in splits.train.labels])
+    rows = []
+    for k in ks:
+        predicted = [classes[i] for i in vote(similarities, indices, bank_labels, k, len(classes))]
+        metrics = classification_metrics(test.labels, predicted, classes, splits.positive)
+        rows.append({"encoder": encoder.name, "checkpoint": encoder.checkpoint, "feature": encoder.feature, "k": k,
+                     **metrics, **splits.counts(), "backend": backend, "search_seconds": search_seconds})
+        if k == tables_k(ks):
+            folder = out / encoder.name
+            folder.mkdir(exist_ok=True)
+            plot_confusion_matrix(metrics["confusion_matrix"], classes, f"{encoder.name} ({encoder.feature}, k={k})",
+                                  folder / "confusion_matrix.png")
+            write_per_slide_accuracy(folder / "per_slide.csv", test.slides, test.labels, predicted, splits.positive)
+    return rows
+
+
+def tables_k(ks: Sequence[int]) -> int:
+    """The k of the confusion matrix and per-slide table: the paper's k = 1, else the first."""
+    return 1 if 1 in ks else ks[0]
 
 
 def evaluate(args: argparse.Namespace) -> dict | None:
@@ -121,73 +204,34 @@ def evaluate(args: argparse.Namespace) -> dict | None:
 
 def evaluate_on(device: torch.device, args: argparse.Namespace) -> dict | None:
     out = Path(args.out)
-    train, test = read_labelled_patches(args.train), read_labelled_patches(args.test)
-    problems = split_overlap(train, test)
-    if problems and not args.allow_overlap:
-        raise DataError("train and test overlap: " + "; ".join(problems) +
-                        ". Split by slide, or pass --allow_overlap to evaluate anyway (the report will say so)")
-    classes = sorted(set(train.labels) | set(test.labels))
-    positive = args.positive or ("tumor" if "tumor" in classes else None)
-    if positive is not None and positive not in classes:
-        raise ConfigError(f"--positive {positive!r} is not one of the classes {', '.join(classes)}")
-    if min(args.k) < 1 or max(args.k) > len(train.paths):
-        raise ConfigError(f"--k {' '.join(map(str, args.k))}: each k must lie between 1 and the "
-                          f"{len(train.paths)} training patches")
+    splits = read_splits(args)
     backend = choose_backend(args.backend, max(args.k))
-    print_rank_zero(f"KNN on {backend}; features on {device}; {len(train.paths)} train / {len(test.paths)} test "
-                    f"patches; classes {classes}, positive {positive}")
-
-    encoders, reference = checkpoint_encoders(args.checkpoint, args.feature)
-    if args.baselines:
-        encoders += baseline_encoders(reference)
-    names = [encoder.name for encoder in encoders]
-    if len(set(names)) < len(names):
-        repeated = sorted({name for name in names if names.count(name) > 1})
-        raise ConfigError(f"two encoders would share the report name {repeated[0]} (and its folder): pass each "
-                          "checkpoint once, under paths that differ in more than punctuation")
-    table_k = 1 if 1 in args.k else args.k[0]  # the confusion matrix and per-slide table: the paper's k = 1
-    class_index = {c: i for i, c in enumerate(classes)}
-    bank_labels = np.array([class_index[c] for c in train.labels])
-    summaries = {"train": split_summary(train), "test": split_summary(test)}
-    counts = {f"{split}_{what}": summary[what] for split, summary in summaries.items() for what in ("patches", "slides")}
+    print_rank_zero(f"KNN on {backend}; features on {device}; {len(splits.train.paths)} train / "
+                    f"{len(splits.test.paths)} test patches; classes {splits.classes}, positive {splits.positive}")
+    encoders = all_encoders(args)
     cache_dir = Path(args.cache_dir) if args.cache_dir else out / "cache"
     options = {"batch_size": args.batch_size, "num_workers": args.num_workers, "resize": args.resize}
-    rows = []
     if is_main():
         out.mkdir(parents=True, exist_ok=True)
+    rows = []
     for encoder in encoders:
         started = time.perf_counter()
         features, cached = {}, {}
-        for split, patches in (("train", train), ("test", test)):
-            features[split], cached[split] = cached_encode(
+        for name, patches in (("train", splits.train), ("test", splits.test)):
+            features[name], cached[name] = cached_encode(
                 cache_dir, encoder.identity, encoder.module, patches.paths, encoder.mean, encoder.std, device,
-                desc=f"{encoder.name} {split}", **options)
-        encode_seconds = time.perf_counter() - started
-        if not is_main():
-            continue
-        started = time.perf_counter()
-        similarities, indices = search(l2_normalize(features["train"]), l2_normalize(features["test"]), max(args.k), backend)
-        search_seconds = time.perf_counter() - started
-        for k in args.k:
-            predicted = [classes[i] for i in vote(similarities, indices, bank_labels, k, len(classes))]
-            metrics = classification_metrics(test.labels, predicted, classes, positive)
-            rows.append({"encoder": encoder.name, "checkpoint": encoder.checkpoint, "feature": encoder.feature, "k": k,
-                         **metrics, **counts, "backend": backend, "features_cached": cached["train"] and cached["test"],
-                         "encode_seconds": round(encode_seconds, 3), "search_seconds": round(search_seconds, 3)})
-            if k == table_k:
-                folder = out / encoder.name
-                folder.mkdir(exist_ok=True)
-                plot_confusion_matrix(metrics["confusion_matrix"], classes, f"{encoder.name} ({encoder.feature}, k={k})",
-                                      folder / "confusion_matrix.png")
-                write_per_slide_accuracy(folder / "per_slide.csv", test.slides, test.labels, predicted, positive)
+                desc=f"{encoder.name} {name}", **options)
+        encoding = {"features_cached": cached["train"] and cached["test"],
+                    "encode_seconds": round(time.perf_counter() - started, 3)}
+        if is_main():
+            rows += [{**row, **encoding} for row in knn_rows(encoder, features, splits, args.k, backend, out)]
     if not is_main():
         return None
     report = {
-        "train": {"source": str(args.train), **summaries["train"]},
-        "test": {"source": str(args.test), **summaries["test"]},
-        "classes": classes, "positive": positive, "backend": backend, "device": str(device), "tables_k": table_k,
-        "warnings": [f"train/test overlap allowed by --allow_overlap: {p}" for p in problems],
-        "rows": rows,
+        "train": {"source": str(args.train), **split_summary(splits.train)},
+        "test": {"source": str(args.test), **split_summary(splits.test)},
+        "classes": splits.classes, "positive": splits.positive, "backend": backend, "device": str(device),
+        "tables_k": tables_k(args.k), "warnings": splits.warnings, "rows": rows,
     }
     write_report(out, report)
     return report
@@ -205,20 +249,23 @@ def write_report(out: Path, report: dict) -> None:
         f"- positive class: {positive}; search backend: {report['backend']}; features on {report['device']}",
         f"- each encoder's folder: confusion matrix and per-slide accuracy at k = {report['tables_k']}",
         "",
-        f"| encoder | feature | k | F1 ({positive}) | macro F1 | accuracy | balanced accuracy | train / test patches (slides) | backend | seconds |",
+        f"| encoder | feature | k | F1 ({positive}) | macro F1 | accuracy | balanced accuracy | "
+        "train / test patches (slides) | backend | seconds |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["rows"]:
         f1 = "-" if row["f1"] is None else f"{row['f1']:.4f}"
         seconds = row["encode_seconds"] + row["search_seconds"]
         lines.append(f"| {row['encoder']} | {row['feature']} | {row['k']} | {f1} | {row['macro_f1']:.4f} | "
-                     f"{row['accuracy']:.4f} | {row['balanced_accuracy']:.4f} | {row['train_patches']} ({row['train_slides']}) / "
+                     f"{row['accuracy']:.4f} | {row['balanced_accuracy']:.4f} | "
+                     f"{row['train_patches']} ({row['train_slides']}) / "
                      f"{row['test_patches']} ({row['test_slides']}) | {row['backend']} | {seconds:.1f} |")
     lines += ["", "Per class (precision / recall / F1, support):", "",
               "| encoder | k | " + " | ".join(report["classes"]) + " |",
               "|---|---|" + "---|" * len(report["classes"])]
     for row in report["rows"]:
-        cells = [f"{m['precision']:.3f} / {m['recall']:.3f} / {m['f1']:.3f} ({m['support']})" for m in row["per_class"].values()]
+        cells = [f"{m['precision']:.3f} / {m['recall']:.3f} / {m['f1']:.3f} ({m['support']})"
+                 for m in row["per_class"].values()]
         lines.append(f"| {row['encoder']} | {row['k']} | " + " | ".join(cells) + " |")
     if report["warnings"]:
         lines += ["", "**Warnings**", "", *[f"- {w}" for w in report["warnings"]]]

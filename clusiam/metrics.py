@@ -1,11 +1,10 @@
 """Classification metrics and the pictures and tables that report them."""
 from __future__ import annotations
 
-import argparse
 import json
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import matplotlib
 
@@ -20,10 +19,17 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
 )
 
-from clusiam.atomic import write_atomically
-from clusiam.data import write_csv
-from clusiam.distributed import is_main
-from clusiam.errors import run_command
+from clusiam.errors import ConfigError
+from clusiam.files import write_atomically
+from clusiam.tables import write_csv
+
+
+def positive_class(classes: Sequence[str], requested: str | None) -> str | None:
+    """The class binary scores are about: ``--positive`` when given (it must be one of
+    ``classes``), else ``tumor`` when present, else None."""
+    if requested is not None and requested not in classes:
+        raise ConfigError(f"--positive {requested!r} is not one of the classes {', '.join(classes)}")
+    return requested or ("tumor" if "tumor" in classes else None)
 
 
 def classification_metrics(y_true: Sequence[str], y_pred: Sequence[str], classes: Sequence[str],
@@ -91,11 +97,3 @@ def save_report(out: Path, report: dict, markdown: Sequence[str]) -> None:
     """``report.json`` (everything, written atomically) and ``report.md`` (the tables a person reads)."""
     write_atomically(out / "report.json", lambda temporary: temporary.write_text(json.dumps(report, indent=2)))
     (out / "report.md").write_text("\n".join(markdown) + "\n")
-
-
-def report_command(evaluate: Callable[[argparse.Namespace], object], args: argparse.Namespace) -> int:
-    """Run an evaluation command; on success show the report it wrote to ``args.out``."""
-    status = run_command(lambda: evaluate(args))
-    if status == 0 and is_main():  # under torchrun, rank 0 wrote the report
-        print((Path(args.out) / "report.md").read_text())
-    return status

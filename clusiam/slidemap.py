@@ -1,9 +1,10 @@
-"""Pictures of a slide: every tile coloured by its cluster (the assigner's argmax), or by a
+r"""Pictures of a slide: every tile coloured by its cluster (the assigner's argmax), or by a
 per-tile score such as DSMIL attention, over the slide's thumbnail, with annotation
 contours on top.
 
     python -m clusiam.slidemap --checkpoint runs/clusiam/last.pth --slide S.svs --patches PATCH_ROOT --out maps/
-    python -m clusiam.slidemap --scores reports/mil/attention/seed0_fold0.h5 --slide S.svs --patches PATCH_ROOT --out maps/
+    python -m clusiam.slidemap --scores reports/mil/attention/seed0_fold0.h5 --slide S.svs \
+        --patches PATCH_ROOT --out maps/
 
 The tiles come from the tiler's index (``PATCH_ROOT_index/<slide>.h5``). Scores are read
 from a CSV with columns x, y, score (level-0 pixels) or from a ``mil.train`` attention file;
@@ -12,8 +13,8 @@ tiles without a score are counted and drawn grey.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import h5py
 import matplotlib
@@ -22,10 +23,10 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 from clusiam.checkpoint import load_pretrained
-from clusiam.config import resolve_device
-from clusiam.errors import UserError, run_command
+from clusiam.distributed import resolve_device
+from clusiam.errors import DataError, UserError, run_command
 from clusiam.features import encode
-from clusiam.data import DataError, read_csv_rows, write_csv
+from clusiam.tables import read_csv_rows, write_csv
 from clusiam.tile import annotation_file, index_folder, open_slide, polygon_outlines, read_annotations, slide_thumbnail
 
 TILE_ALPHA = 0.55
@@ -41,7 +42,8 @@ def cluster_palette(num_clusters: int) -> np.ndarray:
 def read_index(index_dir: Path, slide: str) -> dict:
     path = index_dir / f"{slide}.h5"
     if not path.is_file():
-        raise UserError(f"no tiling index {path}: tile the slide with python -m clusiam.tile first, or pass --index_dir")
+        raise UserError(f"no tiling index {path}: tile the slide with python -m clusiam.tile first, "
+                        "or pass --index_dir")
     with h5py.File(path, "r") as handle:
         coords = handle["coords"]
         return {"coords": coords[:], "paths": [p.decode() for p in handle["paths"][:]],
@@ -52,7 +54,8 @@ def tile_clusters(checkpoint: str, files: Sequence[Path], device_name: str, batc
     """Each patch's cluster: argmax of the cluster assigner on its projection."""
     model, state = load_pretrained(checkpoint)
     if not model.method.clustered:
-        raise UserError(f"{checkpoint} is a {model.model_type} checkpoint, which has no clusters; draw scores with --scores")
+        raise UserError(f"{checkpoint} is a {model.model_type} checkpoint, which has no clusters; "
+                        "draw scores with --scores")
     assigner = nn.Sequential(model.backbone, model.projector, model.cluster_projector, model.cluster_assigner)
     logits = encode(assigner, files, state["normalization"]["mean"], state["normalization"]["std"],
                     resolve_device(device_name), batch_size=batch_size, num_workers=0, desc="clusters")
@@ -85,8 +88,9 @@ def read_score_table(path: Path) -> dict[tuple[int, int], float]:
         try:
             keyed[int(row["x"]), int(row["y"])] = float(row["score"])
         except (TypeError, ValueError):
-            raise DataError(f"{path}, line {line}: x={row['x']!r}, y={row['y']!r}, score={row['score']!r}; x and y must "
-                            "be whole level-0 pixels (the tiler's coordinates) and score a number") from None
+            raise DataError(f"{path}, line {line}: x={row['x']!r}, y={row['y']!r}, score={row['score']!r}; "
+                            "x and y must be whole level-0 pixels (the tiler's coordinates) "
+                            "and score a number") from None
     return keyed
 
 
@@ -107,9 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--patches", type=Path, required=True, help="the PATCH_ROOT the slide was tiled into")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--checkpoint", default=None, help="colour tiles by this checkpoint's clusters")
-    parser.add_argument("--scores", type=Path, default=None, help="colour tiles by these scores instead (CSV x, y, score or mil attention .h5)")
+    parser.add_argument("--scores", type=Path, default=None,
+                        help="colour tiles by these scores instead (CSV x, y, score or mil attention .h5)")
     parser.add_argument("--index_dir", type=Path, default=None, help="the tiler's index (default: PATCH_ROOT_index)")
-    parser.add_argument("--annotations", type=Path, default=None, help="annotation file or folder (ASAP XML / GeoJSON) to outline")
+    parser.add_argument("--annotations", type=Path, default=None,
+                        help="annotation file or folder (ASAP XML / GeoJSON) to outline")
     parser.add_argument("--map_mpp", type=float, default=4.0, help="resolution of the picture (um/px)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch_size", type=int, default=256)
@@ -151,7 +157,8 @@ def draw(args: argparse.Namespace) -> Path:
     slide.close()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.checkpoint:
-        clusters = tile_clusters(args.checkpoint, [args.patches / p for p in index["paths"]], args.device, args.batch_size)
+        patch_files = [args.patches / p for p in index["paths"]]
+        clusters = tile_clusters(args.checkpoint, patch_files, args.device, args.batch_size)
         colours = cluster_palette(int(clusters.max()) + 1)[clusters]
         target = args.out / f"{name}_clusters.png"
         write_csv(args.out / f"{name}_clusters.csv", ("x", "y", "cluster"),

@@ -17,10 +17,11 @@ import os
 import shutil
 import time
 import xml.etree.ElementTree as ElementTree
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 import h5py
 import numpy as np
@@ -32,49 +33,71 @@ from skimage.filters import threshold_otsu
 from skimage.morphology import remove_small_holes, remove_small_objects
 from tqdm import tqdm
 
-from clusiam.config import ConfigError
-from clusiam.data import DataError, find_files, read_table, write_csv
-from clusiam.errors import UserError, run_command
+from clusiam.errors import ConfigError, DataError, SlideError, run_command
+from clusiam.files import find_files
+from clusiam.tables import read_table, write_csv
 
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".mrxs", ".vms", ".vmu", ".bif", ".svslide")
 # ASAP groups of the Camelyon16 annotations: _0 and _1 are tumour, _2 marks normal tissue inside them.
 ASAP_EXCLUSION_GROUPS = {"_2", "exclusion", "Exclusion"}
 # Under the index folder: slides being tiled, moved into place when complete.
 STAGING = ".unfinished"
-# Flag: (whether a value is usable, what it must be); checked before any slide is opened.
-FLAG_RULES = {
-    "mpp": (lambda v: v > 0, "above 0 (0.5 = 20x)"),
-    "size": (lambda v: v >= 1, "at least 1 pixel"),
-    "overlap": (lambda v: 0 <= v < 1, "in [0, 1): the share of a tile its neighbour repeats"),
-    "min_tissue": (lambda v: 0 <= v <= 1, "in [0, 1]: the tissue fraction a kept tile needs"),
-    "mask_mpp": (lambda v: v > 0, "above 0 (4 um/px is the default)"),
-    "min_object_um2": (lambda v: v >= 0, "0 or more"),
-    "max_hole_um2": (lambda v: v >= 0, "0 or more"),
-    "saturation_threshold": (lambda v: v is None or 0 <= v <= 1, "in [0, 1], or left out for Otsu's"),
-    "slide_mpp": (lambda v: v is None or v > 0, "above 0 (0.25 for 40x, 0.5 for 20x)"),
-    "label_threshold": (lambda v: 0 < v <= 1, "in (0, 1]: the tumour fraction from which a tile is tumor"),
-    "workers": (lambda v: v >= 1, "at least 1"),
-}
 
 
-class SlideError(UserError):
-    """A slide that cannot be read or tiled as asked."""
+def option(default: Any, help: str, rule: tuple[Callable[[Any], bool], str] | None = None, **argparse_options) -> Any:
+    """A tiling option, defined once: its default, its ``--help``, the rule a value must
+    follow (checked before any slide is opened: whether it is usable, and what it must be)
+    and what else ``add_argument`` needs (``type`` when the default is None, ``flag`` when
+    the flag's name differs from the field's, ``choices``)."""
+    return field(default=default, metadata={"help": help, "rule": rule, "argparse": argparse_options})
+
+
+def at_least(low: float) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v >= low), f"{low:g} or more"
 
 
 @dataclass(frozen=True)
 class TilingOptions:
-    mpp: float = 0.5
-    size: int = 224
-    overlap: float = 0.0
-    min_tissue: float = 0.6
-    mask_mpp: float = 4.0
-    min_object_um2: float = 20000.0
-    max_hole_um2: float = 5000.0
-    saturation_threshold: float | None = None
-    slide_mpp: float | None = None
-    image_format: str = "png"
-    label_threshold: float = 0.5
-    annotations: Path | None = None  # folder of <slide>.xml / .geojson; None: no labels
+    """How every slide is tiled; each field is also a flag of ``python -m clusiam.tile``."""
+
+    mpp: float = option(0.5, "microns per pixel of the patches (0.5 = 20x)", (lambda v: v > 0, "above 0 (0.5 = 20x)"))
+    size: int = option(224, "patch side in pixels", (lambda v: v >= 1, "at least 1 pixel"))
+    overlap: float = option(0.0, "fraction of a tile shared with its neighbour",
+                            (lambda v: 0 <= v < 1, "in [0, 1): the share of a tile its neighbour repeats"))
+    min_tissue: float = option(0.6, "keep tiles with at least this tissue fraction (0.6 keeps half-glass edge tiles "
+                               "out)", (lambda v: 0 <= v <= 1, "in [0, 1]: the tissue fraction a kept tile needs"))
+    mask_mpp: float = option(4.0, "resolution of the tissue mask (um/px)",
+                             (lambda v: v > 0, "above 0 (4 um/px is the default)"))
+    min_object_um2: float = option(20000.0, "tissue pieces smaller than this are dropped", at_least(0))
+    max_hole_um2: float = option(5000.0, "holes smaller than this are filled", at_least(0))
+    saturation_threshold: float | None = option(
+        None, "fixed saturation threshold instead of Otsu's",
+        (lambda v: v is None or 0 <= v <= 1, "in [0, 1], or left out for Otsu's"), type=float)
+    slide_mpp: float | None = option(
+        None, "level-0 um/px for slides whose file lacks it",
+        (lambda v: v is None or v > 0, "above 0 (0.25 for 40x, 0.5 for 20x)"), type=float)
+    image_format: str = option("png", "patch file format", flag="format", choices=["png", "jpeg"])
+    label_threshold: float = option(0.5, "tumour fraction from which a tile is labelled tumor",
+                                    (lambda v: 0 < v <= 1, "in (0, 1]: the tumour fraction from which a tile is tumor"))
+    annotations: Path | None = option(None, "folder of <slide>.xml (ASAP) or <slide>.geojson", type=Path)
+
+
+@dataclass(frozen=True)
+class ReadPlan:
+    """Where a slide's tiles lie and how they are read: the grid in level-0 pixels, the
+    pyramid level read from and the side read there (resized to ``--size`` when it
+    differs), and the scale of the thumbnail the tissue is found on."""
+
+    level0_mpp: float
+    magnification: float | None  # the slide's level-0 objective power, when the file records it
+    width: int  # level-0 pixels
+    height: int
+    level: int
+    downsample: float
+    tile0: float  # tile side in level-0 pixels
+    step0: float  # grid step in level-0 pixels
+    read_size: int  # tile side in pixels at ``level``
+    thumb_scale: float  # level-0 pixels per thumbnail pixel
 
 
 def open_slide(path: Path):
@@ -103,7 +126,8 @@ def level0_mpp(slide, path: Path, override: float | None) -> float:
         value = slide.properties.get(key)
         if value:
             return float(value)
-    raise SlideError(f"{path}: the file records no microns-per-pixel; pass --slide_mpp (e.g. 0.25 for 40x, 0.5 for 20x)")
+    raise SlideError(f"{path}: the file records no microns-per-pixel; pass --slide_mpp "
+                     "(e.g. 0.25 for 40x, 0.5 for 20x)")
 
 
 def tissue_mask(thumbnail: np.ndarray, mask_mpp: float, options: TilingOptions) -> tuple[np.ndarray, float]:
@@ -185,80 +209,119 @@ def publish(staging: Path, folder: Path, index_dir: Path, name: str) -> None:
     staging.rmdir()
 
 
+def plan_reading(slide, path: Path, options: TilingOptions) -> ReadPlan:
+    """The grid and the read level of one slide: read from the most downsampled level that is
+    still at least as fine as ``--mpp``."""
+    mpp0 = level0_mpp(slide, path, options.slide_mpp)
+    width, height = slide.dimensions
+    target = options.mpp / mpp0  # level-0 pixels per output pixel
+    level = max((i for i, d in enumerate(slide.level_downsamples) if d <= target * 1.001), default=0)
+    downsample = slide.level_downsamples[level]
+    tile0 = options.size * target
+    magnification = slide.properties.get("tiffslide.objective-power") or slide.properties.get(
+        "openslide.objective-power")
+    return ReadPlan(
+        level0_mpp=mpp0, magnification=float(magnification) if magnification else None,
+        width=width, height=height, level=level, downsample=downsample, tile0=tile0,
+        step0=tile0 * (1 - options.overlap), read_size=max(1, round(tile0 / downsample)),
+        thumb_scale=options.mask_mpp / mpp0,
+    )
+
+
+def tissue_tiles(mask: np.ndarray, plan: ReadPlan, min_tissue: float) -> tuple[np.ndarray, list[float]]:
+    """The grid's tiles with at least ``min_tissue`` of their area in the tissue mask: their
+    top-left corners (N, 2) in level-0 pixels, and their tissue fractions."""
+    coords, tissue = [], []
+    scale, tile0 = plan.thumb_scale, plan.tile0
+    for y in np.arange(0, plan.height - tile0 + 1e-6, plan.step0):
+        for x in np.arange(0, plan.width - tile0 + 1e-6, plan.step0):
+            box = mask[int(y / scale): max(int(y / scale) + 1, int((y + tile0) / scale)),
+                       int(x / scale): max(int(x / scale) + 1, int((x + tile0) / scale))]
+            fraction = float(box.mean()) if box.size else 0.0
+            if fraction >= min_tissue:
+                coords.append((int(round(x)), int(round(y))))
+                tissue.append(fraction)
+    return np.array(coords, dtype=np.int64).reshape(-1, 2), tissue
+
+
+def tumour_region(options: TilingOptions, slide: str) -> shapely.Geometry | None:
+    """The slide's annotated tumour (empty when no file names it: Camelyon16 ships XML for
+    its tumour slides only); None without ``--annotations``."""
+    if options.annotations is None:
+        return None
+    annotations = annotation_file(options.annotations, slide)
+    return read_annotations(annotations) if annotations else shapely.Polygon()
+
+
+def tumour_fractions(coords: np.ndarray, tile0: float, region: shapely.Geometry) -> np.ndarray:
+    """The share of each tile's area inside ``region``."""
+    boxes = shapely.box(coords[:, 0], coords[:, 1], coords[:, 0] + tile0, coords[:, 1] + tile0)
+    return shapely.area(shapely.intersection(boxes, region)) / (tile0 * tile0)
+
+
+def write_patches(slide, coords: np.ndarray, plan: ReadPlan, folder: Path, relative: Path,
+                  options: TilingOptions) -> list[str]:
+    """Read, resize and save every tile as ``folder/<x>_<y>.<ext>``; return the paths as
+    ``relative/<x>_<y>.<ext>`` (from PATCH_ROOT)."""
+    folder.mkdir(parents=True)
+    extension = "jpg" if options.image_format == "jpeg" else options.image_format
+    paths = []
+    for x, y in coords:
+        patch = slide.read_region((int(x), int(y)), plan.level, (plan.read_size, plan.read_size)).convert("RGB")
+        if plan.read_size != options.size:
+            patch = patch.resize((options.size, options.size), Image.LANCZOS)
+        patch.save(folder / f"{x}_{y}.{extension}", **({"quality": 90} if extension == "jpg" else {}))
+        paths.append(str(relative / f"{x}_{y}.{extension}"))
+    return paths
+
+
+def write_index(path: Path, name: str, coords: np.ndarray, plan: ReadPlan, options: TilingOptions,
+                tissue: list[float], paths: list[str], tumour: np.ndarray | None, labels: np.ndarray | None) -> None:
+    """The slide's ``<slide>.h5``: ``coords`` with the attributes CLAM / TRIDENT readers look
+    for (plus the resolution in microns), tissue fractions, patch paths and, with
+    annotations, tumour fractions and labels."""
+    with h5py.File(path, "w") as handle:
+        dataset = handle.create_dataset("coords", data=coords)
+        dataset.attrs.update({
+            "patch_size": options.size, "patch_size_level0": plan.tile0, "patch_level": plan.level,
+            "downsample": plan.downsample, "level_dim": slide_dims(plan.width, plan.height, plan.downsample),
+            "mpp": options.mpp, "level0_mpp": plan.level0_mpp, "overlap": options.overlap,
+            "level0_magnification": plan.magnification or float("nan"),
+            "name": name, "format": "jpg" if options.image_format == "jpeg" else options.image_format,
+        })
+        handle["tissue_fraction"] = np.array(tissue, dtype=np.float32)
+        handle["paths"] = paths
+        if tumour is not None:
+            handle["tumor_fraction"] = tumour.astype(np.float32)
+            handle["label"] = labels.astype("S")
+
+
 def tile_into(path: Path, relative: Path, staging: Path, options: TilingOptions) -> dict:
     """Tile one slide into ``staging``: patches under ``patches/``, index and thumbnail
-    beside them; patch paths are recorded as ``relative/<x>_<y>.<ext>`` (from PATCH_ROOT)."""
+    beside them; return its summary row and, with annotations, its patch label rows."""
     started = time.time()
     name = path.stem
     slide = open_slide(path)
     try:
-        mpp0 = level0_mpp(slide, path, options.slide_mpp)
-        magnification = slide.properties.get("tiffslide.objective-power") or slide.properties.get("openslide.objective-power")
-        width, height = slide.dimensions
-        target = options.mpp / mpp0  # level-0 pixels per output pixel
-        # Read from the most downsampled level that is still at least as fine as the target.
-        level = max((i for i, d in enumerate(slide.level_downsamples) if d <= target * 1.001), default=0)
-        downsample = slide.level_downsamples[level]
-        tile0 = options.size * target  # tile side in level-0 pixels
-        read_size = max(1, round(tile0 / downsample))
-        step0 = tile0 * (1 - options.overlap)
-
-        thumb_scale = options.mask_mpp / mpp0  # level-0 pixels per thumbnail pixel
-        thumbnail = np.asarray(slide_thumbnail(slide, thumb_scale))
+        plan = plan_reading(slide, path, options)
+        thumbnail = np.asarray(slide_thumbnail(slide, plan.thumb_scale))
         mask, threshold = tissue_mask(thumbnail, options.mask_mpp, options)
-
-        coords, tissue = [], []
-        for y in np.arange(0, height - tile0 + 1e-6, step0):
-            for x in np.arange(0, width - tile0 + 1e-6, step0):
-                box = mask[int(y / thumb_scale): max(int(y / thumb_scale) + 1, int((y + tile0) / thumb_scale)),
-                           int(x / thumb_scale): max(int(x / thumb_scale) + 1, int((x + tile0) / thumb_scale))]
-                fraction = float(box.mean()) if box.size else 0.0
-                if fraction >= options.min_tissue:
-                    coords.append((int(round(x)), int(round(y))))
-                    tissue.append(fraction)
-        coords_array = np.array(coords, dtype=np.int64).reshape(-1, 2)
-
-        tumour_fraction, region = None, None
-        if options.annotations is not None:
-            annotations = annotation_file(options.annotations, name)
-            # No file: no tumour (Camelyon16 ships XML for its tumour slides only).
-            region = read_annotations(annotations) if annotations else shapely.Polygon()
-            boxes = shapely.box(coords_array[:, 0], coords_array[:, 1], coords_array[:, 0] + tile0, coords_array[:, 1] + tile0)
-            tumour_fraction = shapely.area(shapely.intersection(boxes, region)) / (tile0 * tile0)
-
-        folder = staging / "patches"
-        folder.mkdir(parents=True)
-        extension = "jpg" if options.image_format == "jpeg" else options.image_format
-        paths = []
-        for x, y in coords_array:
-            patch = slide.read_region((int(x), int(y)), level, (read_size, read_size)).convert("RGB")
-            if read_size != options.size:
-                patch = patch.resize((options.size, options.size), Image.LANCZOS)
-            patch.save(folder / f"{x}_{y}.{extension}", **({"quality": 90} if extension == "jpg" else {}))
-            paths.append(str(relative / f"{x}_{y}.{extension}"))
+        coords, tissue = tissue_tiles(mask, plan, options.min_tissue)
+        region = tumour_region(options, name)
+        paths = write_patches(slide, coords, plan, staging / "patches", relative, options)
     finally:
         slide.close()
-
-    labels = None
-    with h5py.File(staging / f"{name}.h5", "w") as handle:
-        dataset = handle.create_dataset("coords", data=coords_array)
-        # The attributes CLAM / TRIDENT readers look for, plus the resolution in microns.
-        dataset.attrs.update({"patch_size": options.size, "patch_size_level0": tile0, "patch_level": level,
-                              "downsample": downsample, "level_dim": slide_dims(width, height, downsample),
-                              "mpp": options.mpp, "level0_mpp": mpp0, "overlap": options.overlap,
-                              "level0_magnification": float(magnification) if magnification else float("nan"),
-                              "name": name, "format": extension})
-        handle["tissue_fraction"] = np.array(tissue, dtype=np.float32)
-        handle["paths"] = paths
-        if tumour_fraction is not None:
-            handle["tumor_fraction"] = tumour_fraction.astype(np.float32)
-            labels = np.where(tumour_fraction >= options.label_threshold, "tumor", "normal")
-            handle["label"] = labels.astype("S")
-    draw_thumbnail(thumbnail, mask, coords_array / thumb_scale, tile0 / thumb_scale, staging / f"{name}_thumbnail.png",
-                   region, thumb_scale)
+    tumour = labels = None
+    if region is not None:
+        tumour = tumour_fractions(coords, plan.tile0, region)
+        labels = np.where(tumour >= options.label_threshold, "tumor", "normal")
+    write_index(staging / f"{name}.h5", name, coords, plan, options, tissue, paths, tumour, labels)
+    draw_thumbnail(thumbnail, mask, coords / plan.thumb_scale, plan.tile0 / plan.thumb_scale,
+                   staging / f"{name}_thumbnail.png", region, plan.thumb_scale)
     return {
-        "slide": name, "tiles": len(coords_array), "tissue_area_mm2": round(float(mask.sum()) * options.mask_mpp**2 / 1e6, 3),
-        "mpp": mpp0, "level": level, "otsu_threshold": round(threshold, 4),
+        "slide": name, "tiles": len(coords),
+        "tissue_area_mm2": round(float(mask.sum()) * options.mask_mpp**2 / 1e6, 3),
+        "mpp": plan.level0_mpp, "level": plan.level, "otsu_threshold": round(threshold, 4),
         "tumor_tiles": int((labels == "tumor").sum()) if labels is not None else "",
         "seconds": round(time.time() - started, 2),
         "patch_labels": [] if labels is None else list(zip(paths, labels.tolist(), [name] * len(paths))),
@@ -297,23 +360,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m clusiam.tile", description=__doc__.split("\n\n")[0])
     parser.add_argument("slides", type=Path, help="a slide file or a folder of slides")
     parser.add_argument("--out", type=Path, required=True, help="PATCH_ROOT for the patches")
-    parser.add_argument("--index_dir", type=Path, default=None, help="index, thumbnails and tables (default: PATCH_ROOT_index)")
-    parser.add_argument("--mpp", type=float, default=0.5, help="microns per pixel of the patches (0.5 = 20x)")
-    parser.add_argument("--size", type=int, default=224, help="patch side in pixels")
-    parser.add_argument("--overlap", type=float, default=0.0, help="fraction of a tile shared with its neighbour")
-    parser.add_argument("--min_tissue", type=float, default=0.6,
-                        help="keep tiles with at least this tissue fraction (0.6 keeps half-glass edge tiles out)")
-    parser.add_argument("--mask_mpp", type=float, default=4.0, help="resolution of the tissue mask (um/px)")
-    parser.add_argument("--min_object_um2", type=float, default=20000.0, help="tissue pieces smaller than this are dropped")
-    parser.add_argument("--max_hole_um2", type=float, default=5000.0, help="holes smaller than this are filled")
-    parser.add_argument("--saturation_threshold", type=float, default=None, help="fixed saturation threshold instead of Otsu's")
-    parser.add_argument("--slide_mpp", type=float, default=None, help="level-0 um/px for slides whose file lacks it")
-    parser.add_argument("--format", dest="image_format", default="png", choices=["png", "jpeg"])
-    parser.add_argument("--classes", type=Path, default=None, help="slides.csv (slide, label): patches go under <label>/<slide>/")
-    parser.add_argument("--annotations", type=Path, default=None, help="folder of <slide>.xml (ASAP) or <slide>.geojson")
-    parser.add_argument("--label_threshold", type=float, default=0.5, help="tumour fraction from which a tile is labelled tumor")
+    parser.add_argument("--index_dir", type=Path, default=None,
+                        help="index, thumbnails and tables (default: PATCH_ROOT_index)")
+    parser.add_argument("--classes", type=Path, default=None,
+                        help="slides.csv (slide, label): patches go under <label>/<slide>/")
     parser.add_argument("--workers", type=int, default=4, help="slides tiled in parallel")
+    for spec in fields(TilingOptions):
+        options = dict(spec.metadata["argparse"])
+        flag = options.pop("flag", spec.name)
+        options.setdefault("type", type(spec.default))
+        parser.add_argument(f"--{flag}", dest=spec.name, default=spec.default, help=spec.metadata["help"], **options)
     return parser
+
+
+def tiling_options(args: argparse.Namespace) -> TilingOptions:
+    """The tiling options of the command line, refused (before any slide is opened) where a
+    value would make every slide fail: a zero step, a zero resolution, a missing folder."""
+    for spec in fields(TilingOptions):
+        value = getattr(args, spec.name)
+        if spec.metadata["rule"] is not None and not spec.metadata["rule"][0](value):
+            raise ConfigError(f"--{spec.metadata['argparse'].get('flag', spec.name)} {value} must be "
+                              f"{spec.metadata['rule'][1]}")
+    if args.workers < 1:
+        raise ConfigError(f"--workers {args.workers} must be at least 1")
+    if args.annotations is not None and not args.annotations.is_dir():
+        state = "is not a folder" if args.annotations.exists() else "does not exist"
+        raise DataError(f"--annotations {args.annotations} {state}: pass the folder of <slide>.xml (ASAP) "
+                        "or <slide>.geojson files, or leave --annotations out")
+    return TilingOptions(**{spec.name: getattr(args, spec.name) for spec in fields(TilingOptions)})
 
 
 def find_slides(source: Path) -> list[Path]:
@@ -332,18 +406,6 @@ def slide_thumbnail(slide, scale: float) -> Image.Image:
     width, height = slide.dimensions
     size = (max(1, round(width / scale)), max(1, round(height / scale)))
     return slide.get_thumbnail(size).convert("RGB").resize(size)
-
-
-def check_flags(args: argparse.Namespace) -> None:
-    """Refuse values that would make every slide fail (a zero step, a zero resolution)."""
-    for flag, (usable, rule) in FLAG_RULES.items():
-        value = getattr(args, flag)
-        if not usable(value):
-            raise ConfigError(f"--{flag} {value} must be {rule}")
-    if args.annotations is not None and not args.annotations.is_dir():
-        state = "is not a folder" if args.annotations.exists() else "does not exist"
-        raise DataError(f"--annotations {args.annotations} {state}: pass the folder of <slide>.xml (ASAP) "
-                        "or <slide>.geojson files, or leave --annotations out")
 
 
 def read_classes(path: Path, slides: Sequence[Path]) -> dict[str, str]:
@@ -365,44 +427,60 @@ def report_unannotated(slides: Sequence[Path], folder: Path) -> None:
               "all their tiles are labelled normal (tumour fraction 0)")
 
 
-def tile(args: argparse.Namespace) -> dict:
-    """Tile every slide; unreadable ones are reported, listed and skipped."""
-    check_flags(args)
-    slides = find_slides(args.slides)
-    classes = read_classes(args.classes, slides) if args.classes else {}
-    args.out = args.out.resolve()  # `--out .` has no name to put _index after
-    index_dir = (args.index_dir or index_folder(args.out)).resolve()
-    index_dir.mkdir(parents=True, exist_ok=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    if args.annotations is not None:
-        report_unannotated(slides, args.annotations)
-    options = TilingOptions(**{k: getattr(args, k) for k in TilingOptions.__dataclass_fields__})
+def tile_all(slides: Sequence[Path], out: Path, index_dir: Path, classes: dict[str, str], options: TilingOptions,
+             workers: int) -> tuple[list[dict], list[tuple[Path, str]]]:
+    """Tile the slides ``workers`` at a time; return the summary rows of those tiled and the
+    slides that failed, with why (one bad slide must not stop the others)."""
     rows, failed = [], []
-    with ProcessPoolExecutor(max_workers=args.workers) as pool:
-        futures = {pool.submit(tile_slide, path, args.out, index_dir, classes.get(path.stem), options): path
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        futures = {pool.submit(tile_slide, path, out, index_dir, classes.get(path.stem), options): path
                    for path in slides}
         for future in tqdm(futures, desc="slides", unit="slide"):
             try:
                 rows.append(future.result())
-            except Exception as error:  # one bad slide must not stop the others
+            except Exception as error:  # any failure of one slide, whatever raised it
                 failed.append((futures[future], f"{type(error).__name__}: {error}"))
                 tqdm.write(f"skipped {futures[future]}: {error}")
     shutil.rmtree(index_dir / STAGING, ignore_errors=True)
+    return rows, failed
+
+
+def write_tables(index_dir: Path, out: Path, rows: list[dict], failed: list[tuple[Path, str]],
+                 labelled: bool) -> Path:
+    """``tiles.csv``, ``patch_labels.csv`` (with annotations) and ``failed_slides.txt`` (only
+    when a slide failed: a list from an earlier run would no longer be true); return the
+    last one's path."""
     patch_labels = [label for row in rows for label in row.pop("patch_labels")]
     columns = ("slide", "tiles", "tissue_area_mm2", "mpp", "level", "otsu_threshold", "tumor_tiles", "seconds")
     write_csv(index_dir / "tiles.csv", columns, [[row[column] for column in columns] for row in rows])
-    if args.annotations is not None:
-        relative = Path("..") / args.out.name if index_dir.parent == args.out.parent else args.out
+    if labelled:
+        relative = Path("..") / out.name if index_dir.parent == out.parent else out
         write_csv(index_dir / "patch_labels.csv", ("path", "label", "slide"),
                   [(str(relative / path), label, slide) for path, label, slide in patch_labels])
     failed_list = index_dir / "failed_slides.txt"
     if failed:
         failed_list.write_text("".join(f"{p}\t{why}\n" for p, why in failed))
     else:
-        failed_list.unlink(missing_ok=True)  # a list from an earlier run would no longer be true
+        failed_list.unlink(missing_ok=True)
+    return failed_list
+
+
+def tile(args: argparse.Namespace) -> dict:
+    """Tile every slide; unreadable ones are reported, listed and skipped."""
+    options = tiling_options(args)
+    slides = find_slides(args.slides)
+    classes = read_classes(args.classes, slides) if args.classes else {}
+    out = args.out.resolve()  # `--out .` has no name to put _index after
+    index_dir = (args.index_dir or index_folder(out)).resolve()
+    index_dir.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    if options.annotations is not None:
+        report_unannotated(slides, options.annotations)
+    rows, failed = tile_all(slides, out, index_dir, classes, options, args.workers)
+    failed_list = write_tables(index_dir, out, rows, failed, labelled=options.annotations is not None)
     if not rows:
         raise DataError(f"none of the {len(slides)} slide(s) could be tiled; the reasons are in {failed_list}")
-    print(f"{sum(r['tiles'] for r in rows)} patches from {len(rows)} slides into {args.out}; index in {index_dir}"
+    print(f"{sum(r['tiles'] for r in rows)} patches from {len(rows)} slides into {out}; index in {index_dir}"
           + (f"; {len(failed)} slide(s) could not be read (listed in {failed_list})" if failed else ""))
     return {"rows": rows, "failed": failed, "index_dir": index_dir}
 

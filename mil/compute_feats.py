@@ -17,21 +17,21 @@ from __future__ import annotations
 import argparse
 import re
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import h5py
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from clusiam.atomic import write_atomically
 from clusiam.checkpoint import load_pretrained
-from clusiam.config import add_dist_timeout
-from clusiam.data import DataError, file_digest, find_images, read_table
-from clusiam.distributed import barrier, is_main, main_computes, processes, shard
-from clusiam.errors import run_command
+from clusiam.distributed import add_dist_timeout, barrier, is_main, main_computes, processes, shard
+from clusiam.errors import DataError, run_command
 from clusiam.features import FEATURE_TYPES, encode, feature_extractor, precision
+from clusiam.files import file_digest, write_atomically
+from clusiam.images import find_images
+from clusiam.tables import read_table
 
 COORDINATE_NAME = re.compile(r"^(\d+)_(\d+)$")
 ENCODING_ATTRIBUTES = ("checkpoint_sha256", "feature", "resize", "precision")  # what decides a bag's features
@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--patches", required=True, help="root of the slide folders")
     parser.add_argument("--out", required=True, help="folder for the <slide>.h5 bags")
-    parser.add_argument("--labels", default=None, help="slides.csv (slide, label): slides listed there without patches are reported")
+    parser.add_argument("--labels", default=None,
+                        help="slides.csv (slide, label): slides listed there without patches are reported")
     parser.add_argument("--feature", default="backbone", choices=FEATURE_TYPES)
     parser.add_argument("--batch_size", type=int, default=512)
     parser.add_argument("--num_workers", type=int, default=8)
@@ -60,9 +61,11 @@ def slide_patches(root: Path) -> dict[str, list[Path]]:
     slides: dict[str, list[Path]] = {}
     for folder, files in sorted(by_folder.items()):
         if folder == root:
-            raise DataError(f"{files[0]} lies directly in {root}: put each slide's patches in a folder named after the slide")
+            raise DataError(f"{files[0]} lies directly in {root}: "
+                            "put each slide's patches in a folder named after the slide")
         if folder.name in slides:
-            raise DataError(f"two folders are named {folder.name} ({folder} and {slides[folder.name][0].parent}): slide names must be unique")
+            raise DataError(f"two folders are named {folder.name} ({folder} and {slides[folder.name][0].parent}): "
+                            "slide names must be unique")
         slides[folder.name] = files
     return slides
 
@@ -139,7 +142,8 @@ def compute_on(device: torch.device, args: argparse.Namespace) -> dict[str, int]
     if missing:
         listing = out / "slides_without_patches.txt"
         listing.write_text("".join(f"{s}\n" for s in missing))
-        print(f"warning: {len(missing)} labelled slide(s) have no patches under {root} (listed in {listing}), e.g. {missing[0]}")
+        print(f"warning: {len(missing)} labelled slide(s) have no patches under {root} (listed in {listing}), "
+              f"e.g. {missing[0]}")
     return summary
 
 

@@ -36,7 +36,8 @@ class DSMIL(nn.Module):
     def __init__(self, feature_dim: int, num_classes: int, value_dropout: float | None = None) -> None:
         super().__init__()
         self.instance_classifier = nn.Linear(feature_dim, num_classes)
-        self.query = nn.Sequential(nn.Linear(feature_dim, QUERY_DIM), nn.ReLU(), nn.Linear(QUERY_DIM, QUERY_DIM), nn.Tanh())
+        self.query = nn.Sequential(nn.Linear(feature_dim, QUERY_DIM), nn.ReLU(),
+                                   nn.Linear(QUERY_DIM, QUERY_DIM), nn.Tanh())
         # v is the identity by default; the optional Dropout-Linear-ReLU is the reference's nonlinear value.
         self.value = (nn.Identity() if value_dropout is None else
                       nn.Sequential(nn.Dropout(value_dropout), nn.Linear(feature_dim, feature_dim), nn.ReLU()))

@@ -15,9 +15,9 @@ import argparse
 import math
 import statistics
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import h5py
 import matplotlib
@@ -31,9 +31,10 @@ from sklearn.metrics import balanced_accuracy_score, roc_auc_score, roc_curve
 from sklearn.model_selection import StratifiedKFold, train_test_split
 from tqdm import tqdm
 
-from clusiam.config import ConfigError, resolve_device
-from clusiam.data import DataError, read_table, write_csv
-from clusiam.metrics import report_command, save_report
+from clusiam.distributed import resolve_device
+from clusiam.errors import ConfigError, DataError, report_command
+from clusiam.metrics import positive_class, save_report
+from clusiam.tables import read_table, write_csv
 from mil.compute_feats import ENCODING_ATTRIBUTES, bag_encoding
 from mil.dsmil import AGGREGATORS
 
@@ -52,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mil.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--feats", required=True, help="folder of <slide>.h5 bags (mil.compute_feats)")
     parser.add_argument("--labels", required=True, help="CSV with columns slide, label")
-    parser.add_argument("--split", default=None, help="CSV with columns slide, split (train/val/test); e.g. the official Camelyon16 split")
+    parser.add_argument("--split", default=None,
+                        help="CSV with columns slide, split (train/val/test); e.g. the official Camelyon16 split")
     parser.add_argument("--out", required=True, help="report folder")
     parser.add_argument("--positive", default=None, help="the positive class (default: tumor when present)")
     parser.add_argument("--num_classes", type=int, default=2, choices=[1, 2],
@@ -79,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
 def make_split(labels: dict[str, str], test_fraction: float, val_fraction: float, seed: int) -> dict[str, str]:
     """Seeded stratified train / val / test split of the slides."""
     slides = sorted(labels)
-    rest, test = train_test_split(slides, test_size=test_fraction, stratify=[labels[s] for s in slides], random_state=seed)
+    rest, test = train_test_split(slides, test_size=test_fraction, stratify=[labels[s] for s in slides],
+                                  random_state=seed)
     train, val = train_test_split(rest, test_size=val_fraction, stratify=[labels[s] for s in rest], random_state=seed)
     return {**dict.fromkeys(train, "train"), **dict.fromkeys(val, "val"), **dict.fromkeys(test, "test")}
 
@@ -104,7 +107,8 @@ def check_split(split: dict[str, str], labels: dict[str, str], folds: int) -> No
         classes = {labels[s] for s, where in split.items() if where == name}
         if len(classes) < 2:
             hint = " (or use --folds K to validate on folds of the train slides)" if name == "val" else ""
-            raise DataError(f"the {name} split holds {'no slides' if not classes else 'only ' + classes.pop() + ' slides'}: "
+            holds = "no slides" if not classes else f"only {classes.pop()} slides"
+            raise DataError(f"the {name} split holds {holds}: "
                             f"every split needs both classes (an AUC over one class is undefined){hint}")
 
 
@@ -250,7 +254,8 @@ def test_run(model: torch.nn.Module, test_bags: list[Bag], targets: Targets, thr
         "auc": dict(zip(targets.names, aucs(test_targets, test_scores))),
         # The reference's accuracy: a slide counts as right only if every thresholded output is.
         "accuracy": float((predicted == test_targets.astype(bool)).all(1).mean()),
-        "balanced_accuracy": float(balanced_accuracy_score(test_targets[:, positive_column], predicted[:, positive_column])),
+        "balanced_accuracy": float(balanced_accuracy_score(test_targets[:, positive_column],
+                                                           predicted[:, positive_column])),
         "scores": test_scores, "targets": test_targets, "predicted": predicted,
         "attention": [s[1] for s in scored], "instance_probabilities": [s[2] for s in scored],
     }
@@ -260,77 +265,115 @@ def summarise(values: list[float]) -> dict:
     return {"mean": statistics.mean(values), "std": statistics.pstdev(values) if len(values) > 1 else 0.0}
 
 
-def evaluate(args: argparse.Namespace) -> dict:
-    labels = read_table(args.labels, ("slide", "label"))
-    classes = sorted(set(labels.values()))
-    positive = args.positive or ("tumor" if "tumor" in classes else None)
-    if len(classes) != 2:
-        raise DataError(f"{args.labels}: slide classification here is binary, found classes {', '.join(classes)}")
-    if positive not in classes:
-        raise ConfigError(f"--positive {positive!r} must be one of the classes {', '.join(classes)}")
+@dataclass
+class Protocol:
+    """The slides, their labels and split, and what the outputs are."""
+
+    labels: dict[str, str]
+    split: dict[str, str]
+    targets: Targets
+
+    def slides(self, test: bool) -> list[str]:
+        """The test slides, or all the others (train and val), sorted."""
+        return sorted(s for s, where in self.split.items() if (where == "test") == test)
+
+
+def check_options(args: argparse.Namespace) -> None:
     if args.folds < 0 or args.folds == 1:
         raise ConfigError(f"--folds {args.folds}: use 0 (the split's val) or K >= 2 folds")
     for name in ("epochs", "seeds"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name} must be at least 1 (got {getattr(args, name)})")
+
+
+def read_protocol(args: argparse.Namespace) -> Protocol:
+    """Labels (two classes, one of them positive), the split (given, or made by seeded
+    stratified sampling) and its checks."""
+    labels = read_table(args.labels, ("slide", "label"))
+    classes = sorted(set(labels.values()))
+    if len(classes) != 2:
+        raise DataError(f"{args.labels}: slide classification here is binary, found classes {', '.join(classes)}")
+    positive = positive_class(classes, args.positive)
+    if positive is None:
+        raise ConfigError(f"name the positive class with --positive, one of {', '.join(classes)}")
     split = read_table(args.split, ("slide", "split")) if args.split else \
         make_split(labels, args.test_fraction, args.val_fraction, args.split_seed)
     unsplit = sorted(set(labels) - set(split))
     if unsplit:
-        raise DataError(f"{len(unsplit)} labelled slide(s) are in no split, e.g. {unsplit[0]}: add them to {args.split}")
+        raise DataError(f"{len(unsplit)} labelled slide(s) are in no split, e.g. {unsplit[0]}: "
+                        f"add them to {args.split}")
     check_split(split, labels, args.folds)
-    folder = Path(args.feats)
-    check_bags(folder, sorted(split))
-    targets = Targets(classes, positive, args.num_classes)
-    device = resolve_device(args.device)
-    bags = {s: load_bag(folder, s, labels[s], device) for s in sorted(split) if split[s] != "test"}
+    return Protocol(labels, split, Targets(classes, positive, args.num_classes))
+
+
+def train_runs(protocol: Protocol, folder: Path, args: argparse.Namespace, device: torch.device) -> list[dict]:
+    """Every (seed, fold) run trained on the non-test slides, best epoch chosen on validation."""
+    bags = {s: load_bag(folder, s, protocol.labels[s], device) for s in protocol.slides(test=False)}
     feature_dim = next(iter(bags.values())).features.shape[1]
-
-    plans = runs(split, labels, args.folds, args.seeds, args.split_seed)
     trained = []
-    for plan in tqdm(plans, desc="runs", unit="run"):
-        result = train_run([bags[s] for s in plan["train"]], [bags[s] for s in plan["val"]], targets, feature_dim,
-                           args, plan["seed"], device)
+    for plan in tqdm(runs(protocol.split, protocol.labels, args.folds, args.seeds, args.split_seed),
+                     desc="runs", unit="run"):
+        result = train_run([bags[s] for s in plan["train"]], [bags[s] for s in plan["val"]], protocol.targets,
+                           feature_dim, args, plan["seed"], device)
         trained.append({**plan, **result})
+    return trained
 
+
+def report_row(run: dict, result: dict, targets: Targets) -> dict:
+    """One run's line of the report: its split sizes, the validation choices, its test scores."""
+    return {"seed": run["seed"], "fold": run["fold"], "train_slides": len(run["train"]),
+            "val_slides": len(run["val"]), "best_epoch": run["epoch"], "val_auc": run["val_auc"],
+            "val_loss": run["val_loss"], "thresholds": dict(zip(targets.names, run["thresholds"])),
+            "test_accuracy": result["accuracy"], "test_balanced_accuracy": result["balanced_accuracy"],
+            **{f"test_auc_{name}": auc for name, auc in result["auc"].items()}}
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    """Train every run, then score the test slides once per run; write and return the report."""
+    check_options(args)
+    protocol = read_protocol(args)
+    folder = Path(args.feats)
+    check_bags(folder, sorted(protocol.split))
+    device = resolve_device(args.device)
+    trained = train_runs(protocol, folder, args, device)
     # Only now are the test slides read, and each trained model scores them once.
-    test_bags = [load_bag(folder, s, labels[s], device) for s in sorted(split) if split[s] == "test"]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows, tested = [], []
-    for run in trained:
-        result = test_run(run["model"], test_bags, targets, run["thresholds"], args.average)
-        tested.append(result)
-        rows.append({"seed": run["seed"], "fold": run["fold"], "train_slides": len(run["train"]),
-                     "val_slides": len(run["val"]), "best_epoch": run["epoch"], "val_auc": run["val_auc"],
-                     "val_loss": run["val_loss"],
-                     "thresholds": dict(zip(targets.names, run["thresholds"])), "test_accuracy": result["accuracy"],
-                     "test_balanced_accuracy": result["balanced_accuracy"],
-                     **{f"test_auc_{name}": auc for name, auc in result["auc"].items()}})
+    test_bags = [load_bag(folder, s, protocol.labels[s], device) for s in protocol.slides(test=True)]
+    targets = protocol.targets
+    tested = [test_run(run["model"], test_bags, targets, run["thresholds"], args.average) for run in trained]
+    rows = [report_row(run, result, targets) for run, result in zip(trained, tested)]
     metric_names = ["test_accuracy", "test_balanced_accuracy", *[f"test_auc_{n}" for n in targets.names]]
     report = {
-        "settings": {k: v for k, v in vars(args).items()}, "classes": targets.names, "positive": positive,
-        "slides": {name: sum(1 for w in split.values() if w == name) for name in SPLITS},
+        "settings": dict(vars(args)), "classes": targets.names, "positive": targets.positive,
+        "slides": {name: sum(1 for w in protocol.split.values() if w == name) for name in SPLITS},
         "runs": rows, "summary": {m: summarise([r[m] for r in rows]) for m in metric_names},
     }
-    write_outputs(out, report, trained, tested, test_bags, targets)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_predictions(out / "predictions.csv", trained, tested, test_bags, targets)
+    write_attention(out / "attention", trained, tested, test_bags, targets)
+    plot_roc(out / "roc.png", trained, tested, targets)
+    write_report(out, report)
     return report
 
 
-def write_outputs(out: Path, report: dict, trained: list[dict], tested: list[dict], test_bags: list[Bag],
-                  targets: Targets) -> None:
-    """report.json, report.md, roc.png, predictions.csv and attention/<run>.h5."""
-
-    write_csv(out / "predictions.csv",
+def write_predictions(path: Path, trained: list[dict], tested: list[dict], test_bags: list[Bag],
+                      targets: Targets) -> None:
+    """Scores and thresholded decisions of every test slide in every run."""
+    write_csv(path,
               ["seed", "fold", "slide", "label", *[f"score_{n}" for n in targets.names],
                *[f"predicted_{n}" for n in targets.names]],
               [[run["seed"], run["fold"], bag.slide, bag.label, *np.round(scores, 6), *predicted.astype(int)]
                for run, result in zip(trained, tested)
                for bag, scores, predicted in zip(test_bags, result["scores"], result["predicted"])])
 
-    (out / "attention").mkdir(exist_ok=True)
+
+def write_attention(folder: Path, trained: list[dict], tested: list[dict], test_bags: list[Bag],
+                    targets: Targets) -> None:
+    """``seed<S>_fold<F>.h5`` per run: per test slide, every patch's attention and instance
+    probabilities, with its coordinates when known (for heatmaps)."""
+    folder.mkdir(exist_ok=True)
     for run, result in zip(trained, tested):
-        with h5py.File(out / "attention" / f"seed{run['seed']}_fold{run['fold']}.h5", "w") as handle:
+        with h5py.File(folder / f"seed{run['seed']}_fold{run['fold']}.h5", "w") as handle:
             handle.attrs["classes"] = targets.names
             for bag, attention, instances in zip(test_bags, result["attention"], result["instance_probabilities"]):
                 group = handle.create_group(bag.slide)
@@ -340,20 +383,27 @@ def write_outputs(out: Path, report: dict, trained: list[dict], tested: list[dic
                 if bag.coords is not None:
                     group["coords"] = bag.coords
 
+
+def plot_roc(path: Path, trained: list[dict], tested: list[dict], targets: Targets) -> None:
+    """The test ROC curve of every output in every run."""
     figure, axes = plt.subplots(figsize=(5, 5))
     for run, result in zip(trained, tested):
         for c, name in enumerate(targets.names):
             fpr, tpr, _ = roc_curve(result["targets"][:, c], result["scores"][:, c])
-            axes.plot(fpr, tpr, alpha=0.7, label=f"{name} seed {run['seed']} fold {run['fold']} (AUC {result['auc'][name]:.3f})")
+            axes.plot(fpr, tpr, alpha=0.7,
+                      label=f"{name} seed {run['seed']} fold {run['fold']} (AUC {result['auc'][name]:.3f})")
     axes.plot([0, 1], [0, 1], "k:", linewidth=0.8)
     axes.set_xlabel("false positive rate")
     axes.set_ylabel("true positive rate")
     axes.set_title("test ROC")
     axes.legend(fontsize=6, loc="lower right")
     figure.tight_layout()
-    figure.savefig(out / "roc.png", dpi=120)
+    figure.savefig(path, dpi=120)
     plt.close(figure)
 
+
+def write_report(out: Path, report: dict) -> None:
+    """``report.json`` and ``report.md``: the summary over runs, then one row per run."""
     summary = report["summary"]
     lines = [
         f"# Slide classification ({report['settings']['aggregator']})", "",

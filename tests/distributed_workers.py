@@ -2,25 +2,32 @@
 tests so each spawned process imports only what it runs."""
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch import nn
 from PIL import Image
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from clusiam.config import ConfigError, parse_config
+from clusiam.config import parse_config
 from clusiam.distributed import (
-    check_replicas_agree, earliest_step, gather_views, main_computes, rank, shard, sum_over_ranks,
+    check_replicas_agree,
+    earliest_step,
+    gather_views,
+    main_computes,
+    rank,
+    shard,
+    sum_over_ranks,
 )
+from clusiam.errors import ConfigError
 from clusiam.features import PixelFeatures, cached_encode
 from clusiam.losses import cluster_similarity
 from clusiam.models import PretrainModel
-from clusiam.train import build_optimizer, train, training_step
+from clusiam.step import LossSettings, build_optimizer, training_step
+from clusiam.train import train
 
 WORLD = 2
 BATCH = 8  # global batch of the equivalence test
@@ -50,7 +57,7 @@ def one_step(model_type: str, alpha: float, processes: int) -> dict:
     rows = slice(rank() * BATCH // processes, (rank() + 1) * BATCH // processes)
     network = DistributedDataParallel(model) if processes > 1 else model
     optimizer = build_optimizer(model, 0.5, 0.9, 1e-4, fix_pred_lr=False)
-    options = argparse.Namespace(alpha=alpha, tau=1.0, eps=1e-8)
+    options = LossSettings(alpha=alpha, tau=1.0, eps=1e-8)
     momentum = 0.9 if model.method.momentum_target else None
     output, losses = training_step(network, optimizer, images[0, rows], images[1, rows], options, False, momentum,
                                    torch.Generator().manual_seed(2))

@@ -4,6 +4,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from clusiam.augment import (
+    RGB_FROM_HED,
     BatchViews,
     ViewRecipe,
     blend,
@@ -16,7 +17,6 @@ from clusiam.augment import (
     sample_crops,
     sample_view_params,
     shift_hue,
-    RGB_FROM_HED,
 )
 
 N = 20000  # draws for frequency checks: a binomial share's std is then at most 0.0035
@@ -89,7 +89,8 @@ def test_crop_and_resize_match_torchvision(images):
     box = torch.tensor([[5.0, 7.0, 20.0, 26.0]])
     ours = crop_resize(images[:1], box, 32, IDENTITY)
     theirs = TF.resized_crop(images[:1], 5, 7, 20, 26, [32, 32], antialias=False)
-    assert torch.allclose(ours[..., 1:-1, 1:-1], theirs[..., 1:-1, 1:-1], atol=1e-5)  # edges differ by a half-pixel clamp
+    # edges differ by a half-pixel clamp
+    assert torch.allclose(ours[..., 1:-1, 1:-1], theirs[..., 1:-1, 1:-1], atol=1e-5)
     flipped = crop_resize(images[:1], box, 32, torch.diag(torch.tensor([-1.0, 1.0])).unsqueeze(0))
     assert torch.allclose(flipped, ours.flip(-1), atol=1e-5)
 

@@ -56,8 +56,8 @@ def test_two_processes_with_half_batches_equal_one_process_with_the_whole_batch(
     if model_type == "clubyol":
         torch.manual_seed(0)
         initial = PretrainModel(model_type, "resnet18", feat_size=32, num_clusters=6).state_dict()
-        moved = [name for name, value in single["weights"].items() if name.startswith("target_") and value.is_floating_point()
-                 and not torch.equal(value, initial[name])]
+        moved = [name for name, value in single["weights"].items()
+                 if name.startswith("target_") and value.is_floating_point() and not torch.equal(value, initial[name])]
         assert len(moved) > 10  # the momentum update did change the target
 
 
@@ -195,6 +195,7 @@ def test_feature_extraction_under_torchrun_equals_one_process(tiny_demo, tiny_ch
     cache_two = list((tmp_path / "knn_two" / "cache").glob("*.npy"))
     assert len(cache_two) == 2  # train and test features, the per-process parts merged and removed
     for path in cache_two:
-        np.testing.assert_allclose(np.load(path), np.load(tmp_path / "knn_one" / "cache" / path.name), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.load(path), np.load(tmp_path / "knn_one" / "cache" / path.name),
+                                   rtol=1e-5, atol=1e-6)
     one, two = (json.loads((tmp_path / name / "report.json").read_text()) for name in ("knn_one", "knn_two"))
     assert [row["f1"] for row in two["rows"]] == [row["f1"] for row in one["rows"]]

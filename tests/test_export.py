@@ -73,7 +73,8 @@ def test_mit_b1_computes_what_transformers_segformer_computes(strides):
 @pytest.fixture(scope="module")
 def mit_checkpoint(tiny_demo, tmp_path_factory):
     run = tmp_path_factory.mktemp("mit")
-    return train(parse_config(tiny_run_args(tiny_demo, run, "--backbone", "mit_b1", "--epochs", "1", "--patch_mpp", "0.5")))
+    return train(parse_config(tiny_run_args(tiny_demo, run, "--backbone", "mit_b1", "--epochs", "1",
+                                            "--patch_mpp", "0.5")))
 
 
 def test_the_packaged_key_list_is_the_specs():
@@ -138,7 +139,8 @@ def test_torchvision_export_loads_strictly_with_real_batchnorm_statistics(tiny_c
 
 
 def test_timm_export_loads_strictly_and_safetensors_hold_the_same_tensors(tiny_demo, tmp_path):
-    checkpoint = train(parse_config(tiny_run_args(tiny_demo, tmp_path / "run", "--backbone", "resnet10t", "--epochs", "1")))
+    checkpoint = train(parse_config(tiny_run_args(tiny_demo, tmp_path / "run", "--backbone", "resnet10t",
+                                                  "--epochs", "1")))
     assert export_main([str(checkpoint), "--format", "timm", "--out", str(tmp_path / "r10.pth")]) == 0
     assert export_main([str(checkpoint), "--format", "timm", "--out", str(tmp_path / "r10.pth"), "--safetensors"]) == 0
     state = torch.load(tmp_path / "r10.pth", weights_only=True)

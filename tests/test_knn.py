@@ -9,13 +9,14 @@ from sklearn.metrics import f1_score
 from sklearn.neighbors import KNeighborsClassifier
 
 import clusiam.knn
-from clusiam.data import DataError, LabelledPatches, read_labelled_patches, split_overlap
+from clusiam.checkpoint import load_checkpoint, load_pretrained, save_checkpoint
+from clusiam.config import parse_config
+from clusiam.errors import DataError
 from clusiam.features import cached_encode, feature_extractor
 from clusiam.knn import l2_normalize, search, vote
 from clusiam.knn_eval import main
 from clusiam.metrics import classification_metrics, write_per_slide_accuracy
-from clusiam.checkpoint import load_checkpoint, load_pretrained, save_checkpoint
-from clusiam.config import parse_config
+from clusiam.splits import LabelledPatches, read_labelled_patches, split_overlap
 from clusiam.train import train
 from conftest import tiny_run_args
 
@@ -86,7 +87,8 @@ def test_separable_features_are_classified_perfectly():
     bank = centres[bank_labels] + rng.standard_normal((150, 16)).astype(np.float32)
     queries = centres[query_labels] + rng.standard_normal((60, 16)).astype(np.float32)
     predicted = vote(*search(l2_normalize(bank), l2_normalize(queries), 5, "faiss-cpu"), bank_labels, 5, 3)
-    assert classification_metrics([CLASSES[i] for i in query_labels], [CLASSES[i] for i in predicted], CLASSES, "tumor")["f1"] == 1.0
+    truth = [CLASSES[i] for i in query_labels]
+    assert classification_metrics(truth, [CLASSES[i] for i in predicted], CLASSES, "tumor")["f1"] == 1.0
 
 
 def write_patch(path, seed):
@@ -113,8 +115,10 @@ def test_labels_come_from_the_folder_layout_or_a_csv(tmp_path):
 
 
 def test_the_leakage_guard_finds_shared_slides_and_identical_files(tmp_path):
-    train = LabelledPatches([write_patch(tmp_path / "tr" / f"{i}.png", i) for i in range(3)], ["a"] * 3, ["s1", "s1", "s2"])
-    clean = LabelledPatches([write_patch(tmp_path / "te" / f"{i}.png", 10 + i) for i in range(2)], ["a"] * 2, ["s3", "s4"])
+    train = LabelledPatches([write_patch(tmp_path / "tr" / f"{i}.png", i) for i in range(3)], ["a"] * 3,
+                            ["s1", "s1", "s2"])
+    clean = LabelledPatches([write_patch(tmp_path / "te" / f"{i}.png", 10 + i) for i in range(2)], ["a"] * 2,
+                            ["s3", "s4"])
     assert split_overlap(train, clean) == []
     shared = LabelledPatches(clean.paths, clean.labels, ["s2", "s4"])
     assert split_overlap(train, shared) == ["1 slide(s) are in both train and test, e.g. s2"]
@@ -131,7 +135,8 @@ def test_feature_cache_is_reused_and_invalidated(tiny_demo, tiny_checkpoint, tmp
     encoder = feature_extractor(model)
 
     def run(identity, paths):
-        return cached_encode(tmp_path, identity, encoder, paths, mean, std, torch.device("cpu"), batch_size=8, num_workers=0)
+        return cached_encode(tmp_path, identity, encoder, paths, mean, std, torch.device("cpu"),
+                             batch_size=8, num_workers=0)
 
     first, cached = run("ckpt-A backbone", files)
     assert not cached and first.shape == (20, 512) and np.isfinite(first).all()
@@ -200,5 +205,6 @@ def test_several_checkpoints_of_any_model_type_and_the_projector_feature(tiny_de
                  "--test", str(tiny_demo / "knn_test.csv"), "--out", str(out), "--device", "cpu",
                  "--num_workers", "0", "--no_baselines", "--feature", "projector"]) == 0
     rows = json.loads((out / "report.json").read_text())["rows"]
-    assert [(r["checkpoint"], r["feature"]) for r in rows] == [(str(tiny_checkpoint), "projector"), (str(byol), "projector")]
+    assert [(r["checkpoint"], r["feature"]) for r in rows] == [(str(tiny_checkpoint), "projector"),
+                                                               (str(byol), "projector")]
     assert len({r["encoder"] for r in rows}) == 2

@@ -6,7 +6,7 @@ from clusiam.losses import byol_invariance, cluster_similarity, simsiam_invarian
 
 
 def authors_cluster_similarity(representations, logits):
-    """METHOD.md's cluster term transcribed as the authors wrote it: the mean of the
+    """The cluster term as the authors' code computes it (Wu et al., ICCV 2023): the mean of the
     non-zero upper-triangle similarities of the centres, 1 when there are none."""
     rows = F.normalize(representations, dim=1, eps=1e-8)
     soft = F.gumbel_softmax(logits, tau=1.0, hard=False)

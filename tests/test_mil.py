@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from clusiam.tables import write_csv
 from mil.compute_feats import main as compute_main
 from mil.dsmil import DSMIL, QUERY_DIM, MaxPooling, MeanPooling
 from mil.train import Bag, bag_loss, score
@@ -22,7 +23,10 @@ def test_dsmil_forward_is_the_papers_formula():
 
     w_i, b_i = model.instance_classifier.weight, model.instance_classifier.bias
     (w1, b1), (w2, b2) = (model.query[0].weight, model.query[0].bias), (model.query[2].weight, model.query[2].bias)
-    q = lambda f: torch.tanh(torch.relu(f @ w1.T + b1) @ w2.T + b2)
+
+    def q(f):
+        return torch.tanh(torch.relu(f @ w1.T + b1) @ w2.T + b2)
+
     expected_instance = x @ w_i.T + b_i
     critical = [int(expected_instance[:, c].argmax()) for c in range(2)]
     scores = q(x) @ q(x[critical]).T / math.sqrt(QUERY_DIM)
@@ -43,9 +47,11 @@ def test_dsmil_trains_and_scores_both_streams_and_a_pooling_baseline_only_its_ba
         instance_logits, bag_logits, _ = model(bag.features)
         top = instance_logits.max(0).values
         two_streams = isinstance(model, DSMIL)
-        expected_loss = 0.5 * bce(bag_logits, target) + 0.5 * bce(top, target) if two_streams else bce(bag_logits, target)
+        expected_loss = (0.5 * bce(bag_logits, target) + 0.5 * bce(top, target) if two_streams
+                         else bce(bag_logits, target))
         assert torch.allclose(bag_loss(model, bag, target), expected_loss, atol=1e-6)
-        expected_score = (torch.sigmoid(bag_logits) + torch.sigmoid(top)) / 2 if two_streams else torch.sigmoid(bag_logits)
+        expected_score = ((torch.sigmoid(bag_logits) + torch.sigmoid(top)) / 2 if two_streams
+                          else torch.sigmoid(bag_logits))
         np.testing.assert_allclose(score(model, bag, average=True)[0], expected_score.detach().numpy(), atol=1e-6)
     mean = MeanPooling(16, 2)
     _, bag_logits, _ = mean(bag.features)  # the mean baseline is not a max in disguise
@@ -62,7 +68,8 @@ def test_dsmil_starts_orthogonal_with_zero_biases():
 
 def write_bags(folder, seed=0, slides_per_class=40, shift_test_by=0.0, test_slides=()):
     """Negative bags: 50 N(0, 1) instances; positive bags hide 4 instances shifted by 5 along one direction."""
-    rng, scramble = np.random.default_rng(seed), np.random.default_rng(seed + 1)  # scrambling leaves the bags' draws alone
+    # scrambling leaves the bags' draws alone
+    rng, scramble = np.random.default_rng(seed), np.random.default_rng(seed + 1)
     direction = np.zeros(32, np.float32)
     direction[:4] = 2.5
     labels = {}
@@ -83,10 +90,7 @@ def write_bags(folder, seed=0, slides_per_class=40, shift_test_by=0.0, test_slid
 
 
 def write_labels(path, labels):
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["slide", "label"])
-        writer.writerows(sorted(labels.items()))
+    write_csv(path, ["slide", "label"], sorted(labels.items()))
 
 
 def run_mil(tmp_path, feats, labels_csv, name, *extra):
@@ -164,8 +168,7 @@ def test_a_bad_split_is_refused(tmp_path, capsys, rows, message):
         if name not in rows:
             for label in ("normal", "tumor"):
                 split[next(s for s in slides if labels[s] == label and split[s] == "train")] = name
-    with open(tmp_path / "split.csv", "w", newline="") as handle:
-        csv.writer(handle).writerows([("slide", "split"), *split.items()])
+    write_csv(tmp_path / "split.csv", ("slide", "split"), list(split.items()))
     code = train_main(["--feats", str(tmp_path / "feats"), "--labels", str(tmp_path / "slides.csv"),
                        "--split", str(tmp_path / "split.csv"), "--out", str(tmp_path / "out"), "--device", "cpu"])
     assert code == 2 and message in capsys.readouterr().out
@@ -174,8 +177,8 @@ def test_a_bad_split_is_refused(tmp_path, capsys, rows, message):
 def test_bags_are_checked_before_any_training(tmp_path, capsys):
     labels = write_bags(tmp_path / "feats", slides_per_class=6)
     write_labels(tmp_path / "slides.csv", labels)
-    args = ["--feats", str(tmp_path / "feats"), "--labels", str(tmp_path / "slides.csv"), "--out", str(tmp_path / "out"),
-            "--device", "cpu"]
+    args = ["--feats", str(tmp_path / "feats"), "--labels", str(tmp_path / "slides.csv"),
+            "--out", str(tmp_path / "out"), "--device", "cpu"]
     assert train_main([*args, "--epochs", "0"]) == 2
     assert "--epochs must be at least 1 (got 0)" in capsys.readouterr().out
     bag = tmp_path / "feats" / "tumor_011.h5"
@@ -194,11 +197,10 @@ def test_a_train_and_test_only_split_like_camelyons_official_one_needs_folds(tmp
     labels = write_bags(tmp_path / "feats", slides_per_class=8)
     write_labels(tmp_path / "slides.csv", labels)
     split = {s: "test" if int(s[-3:]) < 4 else "train" for s in labels}  # 2 + 2 test slides, 6 + 6 train slides
-    with open(tmp_path / "split.csv", "w", newline="") as handle:
-        csv.writer(handle).writerows([("slide", "split"), *sorted(split.items())])
+    write_csv(tmp_path / "split.csv", ("slide", "split"), sorted(split.items()))
     common = ["--split", str(tmp_path / "split.csv"), "--aggregator", "max", "--epochs", "3"]
-    refused = ["--feats", str(tmp_path / "feats"), "--labels", str(tmp_path / "slides.csv"), "--out", str(tmp_path / "x"),
-               "--device", "cpu", *common]
+    refused = ["--feats", str(tmp_path / "feats"), "--labels", str(tmp_path / "slides.csv"),
+               "--out", str(tmp_path / "x"), "--device", "cpu", *common]
     assert train_main(refused) == 2
     assert "the val split holds no slides" in capsys.readouterr().out
     assert train_main([*refused, "--folds", "7"]) == 2
@@ -206,7 +208,8 @@ def test_a_train_and_test_only_split_like_camelyons_official_one_needs_folds(tmp
 
     report, _ = run_mil(tmp_path, tmp_path / "feats", tmp_path / "slides.csv", "folds", *common, "--folds", "3")
     assert report["slides"] == {"train": 12, "val": 0, "test": 4}
-    assert [(r["fold"], r["train_slides"], r["val_slides"]) for r in report["runs"]] == [(0, 8, 4), (1, 8, 4), (2, 8, 4)]
+    folds = [(r["fold"], r["train_slides"], r["val_slides"]) for r in report["runs"]]
+    assert folds == [(0, 8, 4), (1, 8, 4), (2, 8, 4)]
 
 
 def test_compute_feats_writes_one_bag_per_slide_and_resumes(tiny_demo, tiny_checkpoint, tmp_path, capsys):

@@ -33,7 +33,8 @@ def test_clubyol_network_has_the_papers_dimensions_and_a_frozen_target():
 
 def test_backbone_is_zero_init_residual_resnet():
     model = PretrainModel("simsiam", "resnet18")
-    assert all(block.bn2.weight.abs().sum() == 0 for layer in (model.backbone.layer1, model.backbone.layer4) for block in layer)
+    assert all(block.bn2.weight.abs().sum() == 0
+               for layer in (model.backbone.layer1, model.backbone.layer4) for block in layer)
     assert PretrainModel("simsiam", "resnet50").projector.layers[0].in_features == 2048
 
 

@@ -6,11 +6,14 @@ import h5py
 import matplotlib
 import numpy as np
 import pytest
+import shapely
 import tiffslide
 from PIL import Image
 
 from clusiam.demo import CMU_SLIDE
-from clusiam.slidemap import TILE_ALPHA, cluster_palette, main as slidemap_main
+from clusiam.slidemap import TILE_ALPHA, cluster_palette
+from clusiam.slidemap import main as slidemap_main
+from clusiam.tables import write_csv
 from clusiam.tile import main as tile_main
 
 
@@ -110,7 +113,7 @@ def test_an_annotation_polygon_labels_exactly_the_tiles_inside_it(slides, tiled,
     assert tile_main([str(slides), "--out", str(out), "--workers", "1", "--annotations", str(annotations)]) == 0
     assert ("1 of 2 slide(s) have no annotation file in " f"{annotations} (e.g. broken.svs)") in capsys.readouterr().out
     with h5py.File(tmp_path / "labelled_index" / "cmu.h5") as handle:
-        labels = dict(zip(map(tuple, handle["coords"][:]), [l.decode() for l in handle["label"][:]]))
+        labels = dict(zip(map(tuple, handle["coords"][:]), [label.decode() for label in handle["label"][:]]))
         fractions = handle["tumor_fraction"][:]
     covered = {c for c in labels if x0 <= c[0] < x1 - 1 and y0 <= c[1] < y1 - 1}
     assert set(inside) <= covered
@@ -169,7 +172,8 @@ def test_a_slide_that_fails_half_way_leaves_no_patches(slides, tmp_path, capsys)
     # A folder where the slide's index belongs: cmu's patches are all read before moving it in fails.
     (tmp_path / "p_index" / "cmu.h5").mkdir(parents=True)
     assert coarse(slides, tmp_path / "p") == 2
-    assert f"error: none of the 2 slide(s) could be tiled; the reasons are in {tmp_path / 'p_index'}" in capsys.readouterr().out
+    assert (f"error: none of the 2 slide(s) could be tiled; the reasons are in {tmp_path / 'p_index'}"
+            in capsys.readouterr().out)
     failed = (tmp_path / "p_index" / "failed_slides.txt").read_text().splitlines()
     assert [line.split("\t")[0] for line in failed] == [str(slides / "broken.svs"), str(slides / "cmu.svs")]
     assert "Is a directory" in failed[1]
@@ -229,10 +233,7 @@ def test_heatmap_colours_tiles_by_score(slides, tiled, tmp_path):
 
 
 def write_scores(path, rows, header=("x", "y", "score")):
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows(rows)
+    write_csv(path, header, rows)
     return path
 
 
@@ -265,7 +266,8 @@ def test_unusable_scores_and_annotations_are_refused_by_name(slides, tiled, tmp_
         header = ("x", "y", "value")
     elif case == "fractional x":
         rows = [("10.5", 0, 1)]
-    scores = tmp_path / "absent.csv" if case == "no scores file" else write_scores(tmp_path / "scores.csv", rows, header)
+    scores = (tmp_path / "absent.csv" if case == "no scores file"
+              else write_scores(tmp_path / "scores.csv", rows, header))
     (tmp_path / "broken.xml").write_text("<ASAP_Annotations><Annotations><Annotation Name=")  # cut short
     annotations = {"no annotation file": "nope.xml", "broken annotation file": "broken.xml"}.get(case)
     extra = ["--annotations", str(tmp_path / annotations)] if annotations else []
@@ -279,7 +281,39 @@ def test_a_checkpoint_without_clusters_cannot_draw_a_cluster_map(slides, tiled, 
     from clusiam.train import train
     from conftest import tiny_run_args
 
-    simsiam = train(parse_config(tiny_run_args(tiny_demo, tmp_path / "run", "--model_type", "simsiam", "--epochs", "1")))
+    simsiam = train(parse_config(tiny_run_args(tiny_demo, tmp_path / "run", "--model_type", "simsiam",
+                                               "--epochs", "1")))
     assert slidemap_main(["--checkpoint", str(simsiam), "--slide", str(slides / "cmu.svs"), "--patches", str(tiled[0]),
                           "--out", str(tmp_path / "maps"), "--device", "cpu"]) == 2
     assert "simsiam checkpoint, which has no clusters" in capsys.readouterr().out
+
+
+def test_the_grid_keeps_exactly_the_tiles_with_enough_tissue_and_annotations_give_area_shares():
+    from clusiam.tile import ReadPlan, tissue_tiles, tumour_fractions
+
+    # A 32 x 24 level-0 slide, 8 px tiles on an 8 px grid, seen on a thumbnail at 2 level-0 px per pixel.
+    plan = ReadPlan(level0_mpp=0.25, magnification=40.0, width=32, height=24, level=0, downsample=1.0, tile0=8.0,
+                    step0=8.0, read_size=8, thumb_scale=2.0)
+    mask = np.zeros((12, 16), bool)
+    mask[0:4, 0:4] = True  # tile (0, 0): all tissue
+    mask[4:8, 4:7] = True  # tile (8, 8): 12 of 16 thumbnail pixels
+    mask[8:12, 12:14] = True  # tile (24, 16): half
+    coords, tissue = tissue_tiles(mask, plan, min_tissue=0.6)
+    assert coords.tolist() == [[0, 0], [8, 8]] and tissue == [1.0, 0.75]
+    coords, tissue = tissue_tiles(mask, plan, min_tissue=0.5)
+    assert coords.tolist() == [[0, 0], [8, 8], [24, 16]] and tissue == [1.0, 0.75, 0.5]
+    region = shapely.box(4, 0, 12, 16)  # the right half of tile (0, 0), the left half of (8, 8)
+    np.testing.assert_allclose(tumour_fractions(coords, 8.0, region), [0.5, 0.5, 0.0])
+
+
+def test_the_read_plan_reads_the_level_that_is_fine_enough_and_covers_the_asked_field_of_view(slides):
+    from clusiam.tile import TilingOptions, open_slide, plan_reading
+
+    slide = open_slide(slides / "cmu.svs")  # one level, 0.499 um/px
+    try:
+        plan = plan_reading(slide, slides / "cmu.svs", TilingOptions(mpp=1.0, size=224, overlap=0.25))
+    finally:
+        slide.close()
+    assert (plan.level, plan.downsample, plan.magnification) == (0, 1.0, 20.0)
+    assert plan.tile0 == pytest.approx(224 / 0.499) and plan.read_size == round(224 / 0.499)
+    assert plan.step0 == pytest.approx(0.75 * plan.tile0) and plan.thumb_scale == pytest.approx(4.0 / 0.499)

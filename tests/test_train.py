@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from clusiam.checkpoint import load_checkpoint, save_checkpoint
-from clusiam.config import ConfigError, parse_config
+from clusiam.config import parse_config
+from clusiam.errors import ConfigError
 from clusiam.models import PretrainModel
-from clusiam.train import build_optimizer, main, set_learning_rate, train
+from clusiam.step import build_optimizer, set_learning_rate
+from clusiam.train import main, train
 from conftest import epochs_csv, tiny_run_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,14 +38,16 @@ def test_learning_rate_follows_the_authors_cosine_and_fix_pred_lr_holds_the_pred
 
 def test_a_flag_overrides_the_config_file(tmp_path):
     config = tmp_path / "run.yaml"
-    config.write_text("model_type: clubyol\nlr: 0.1\nbatch_size: 8\nfix_pred_lr: true\nmean: [0.5, 0.5, 0.5]\nstd: [0.2, 0.2, 0.2]\n")
+    config.write_text("model_type: clubyol\nlr: 0.1\nbatch_size: 8\nfix_pred_lr: true\n"
+                      "mean: [0.5, 0.5, 0.5]\nstd: [0.2, 0.2, 0.2]\n")
     args = parse_config(["--config", str(config), "--lr", "0.2", "--no-fix_pred_lr"])
     assert (args.model_type, args.lr, args.batch_size, args.fix_pred_lr) == ("clubyol", 0.2, 8, False)
     assert args.mean == [0.5, 0.5, 0.5]
     assert (args.feat_size, args.alpha) == (256, 0.9)  # the method's defaults fill what neither sets
 
 
-@pytest.mark.parametrize("model_type, fixed", [("clusiam", True), ("simsiam", True), ("clubyol", False), ("byol", False)])
+@pytest.mark.parametrize("model_type, fixed",
+                         [("clusiam", True), ("simsiam", True), ("clubyol", False), ("byol", False)])
 def test_fix_pred_lr_follows_each_methods_recipe_unless_a_flag_says_otherwise(model_type, fixed):
     assert parse_config(["--model_type", model_type]).fix_pred_lr is fixed
     flipped = "--no-fix_pred_lr" if fixed else "--fix_pred_lr"
@@ -78,7 +82,8 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_demo, tmp_pa
     common = ["--model_type", model_type, "--seed", "3", "--augment", augment, "--save_freq", "1"]
     whole = train(parse_config(tiny_run_args(tiny_demo, tmp_path / "whole", *common, "--epochs", "2")))
     half = train(parse_config(tiny_run_args(tiny_demo, tmp_path / "split", *common, "--epochs", "1")))
-    resumed = train(parse_config(tiny_run_args(tiny_demo, tmp_path / "split", *common, "--epochs", "2", "--resume", str(half))))
+    resumed = train(parse_config(tiny_run_args(tiny_demo, tmp_path / "split", *common, "--epochs", "2",
+                                               "--resume", str(half))))
     a, b = final_weights(whole), final_weights(resumed)
     assert a.keys() == b.keys()
     for key in a:
@@ -113,7 +118,8 @@ def test_a_run_never_overwrites_another_and_a_finished_one_has_nothing_left_to_t
 
 
 def test_how_often_a_run_logs_never_changes_what_it_trains(tiny_demo, tmp_path):
-    often, rarely = (train(parse_config(tiny_run_args(tiny_demo, tmp_path / name, "--epochs", "1", "--print_freq", freq)))
+    often, rarely = (train(parse_config(tiny_run_args(tiny_demo, tmp_path / name, "--epochs", "1",
+                                                      "--print_freq", freq)))
                      for name, freq in (("often", "1"), ("rarely", "3")))
     a, b = final_weights(often), final_weights(rarely)
     assert all(torch.equal(a[key], b[key]) for key in a)

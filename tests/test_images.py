@@ -1,19 +1,11 @@
 import io
-import json
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from clusiam.data import (
-    DataError,
-    cached_channel_statistics,
-    channel_statistics,
-    check_images,
-    find_images,
-    load_rgb,
-    read_table,
-)
+from clusiam.errors import DataError
+from clusiam.images import check_images, find_images, load_rgb
 from clusiam.train import main
 from conftest import tiny_run_args
 
@@ -120,52 +112,10 @@ def test_images_are_read_as_rgb(tmp_path, mode):
         assert (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()
 
 
-def test_statistics_cover_exactly_the_training_files(tmp_path):
-    files = [save_png(tmp_path / "a" / "b" / f"{i}.png", size=24 + 8 * i, seed=i) for i in range(3)]
-    outsider = save_png(tmp_path / "a" / "outsider.png", size=64, seed=99)
-    mean, std = channel_statistics(files)
-    pixels = np.concatenate([np.asarray(Image.open(f)).reshape(-1, 3) / 255.0 for f in files])
-    np.testing.assert_allclose(mean, pixels.mean(0), atol=1e-9)
-    np.testing.assert_allclose(std, pixels.std(0), atol=1e-9)
-    with_outsider, _ = channel_statistics(files + [outsider])
-    assert not np.allclose(with_outsider, mean)
 
 
-def test_statistics_cache_is_reused_for_the_same_files_and_refreshed_when_they_change(tmp_path):
-    files = [save_png(tmp_path / "p" / f"{i}.png", seed=i) for i in range(3)]
-    cache = tmp_path / "run" / "normalization.json"
-    first = cached_channel_statistics(files, cache)
-    stored = json.loads(cache.read_text())
-    stored["mean"] = [0.1, 0.2, 0.3]  # if the cache is read, this marker comes back
-    cache.write_text(json.dumps(stored))
-    assert cached_channel_statistics(files, cache)[0] == [0.1, 0.2, 0.3]
-
-    assert cached_channel_statistics(files[:2], cache) == channel_statistics(files[:2])  # a different file list
-    save_png(files[0], seed=42)  # same path, new content
-    assert cached_channel_statistics(files, cache) == channel_statistics(files)
-    assert cached_channel_statistics(files, cache) != first
-    cache.write_text('{"file_list_key": ')  # cut short: recomputed, not an error
-    assert cached_channel_statistics(files, cache) == channel_statistics(files)
-    assert json.loads(cache.read_text())["num_files"] == 3
 
 
-def test_a_slide_table_is_read_with_excels_byte_order_mark_and_refused_when_malformed(tmp_path):
-    excel = tmp_path / "excel.csv"
-    excel.write_bytes("slide,label\r\nnormal_001,normal\r\ntumor_001,tumor\r\n".encode("utf-8-sig"))
-    assert read_table(excel, ("slide", "label")) == {"normal_001": "normal", "tumor_001": "tumor"}
-    cases = {
-        "header.csv": ("slide,label\n", "has a header but no rows"),
-        "short.csv": ("slide,label\nnormal_001,normal\ntumor_001\n", "line 3: not the header's 2 fields"),
-        "long.csv": ("slide,label\nnormal_001,normal,extra\n", "line 2: not the header's 2 fields"),
-        "columns.csv": ("name,label\nnormal_001,normal\n", "needs columns slide, label; missing slide"),
-    }
-    for name, (text, message) in cases.items():
-        (tmp_path / name).write_text(text)
-        with pytest.raises(DataError, match=f"{tmp_path / name}.*{message}"):
-            read_table(tmp_path / name, ("slide", "label"))
-    (tmp_path / "utf16.csv").write_text("slide,label\nnormal_001,normal\n", encoding="utf-16")
-    with pytest.raises(DataError, match="is not UTF-8 text"):
-        read_table(tmp_path / "utf16.csv", ("slide", "label"))
 
 
 def test_batched_augmentation_needs_patches_of_one_size(tmp_path):
