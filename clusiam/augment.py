@@ -53,8 +53,15 @@ class TwoViews:
 # every parameter drawn per image and per view. Plain torch, so it runs on CPU and GPU.
 # ---------------------------------------------------------------------------------------
 
-# Ruifrok & Johnston's stain matrix (rows: haematoxylin, eosin, DAB optical densities).
+# Ruifrok & Johnston's stain matrix (rows: haematoxylin, eosin, DAB optical densities), the
+# same as scikit-image's skimage.color.rgb_from_hed.
 RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+# scikit-image's rgb2hed (skimage.color.separate_stains) clamps RGB to at least 1e-6 and divides
+# the optical density -ln(rgb) by ln(10^6) = -ln(1e-6) (the darkest value it keeps, 1e-6, then has
+# density 1) before unmixing; hed2rgb (combine_stains) multiplies by it again. The HEDJitter transforms
+# (after Tellez et al. 2018) jitter these stain concentrations, so ours do too.
+MIN_RGB = 1e-6
+OD_PER_CONCENTRATION = -math.log(MIN_RGB)  # ln(10^6), about 13.82
 GREY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
 CROP_ATTEMPTS = 10  # as torchvision's RandomResizedCrop
 
@@ -63,7 +70,8 @@ CROP_ATTEMPTS = 10  # as torchvision's RandomResizedCrop
 class ViewRecipe:
     """Augmentation parameters; the defaults are the paper's. The last three are
     pathology options, off by default: vertical flips, 90-degree rotations, and H&E stain
-    jitter (Tellez et al. 2018: each stain's density scaled by U(1-s, 1+s), shifted by U(-s, s))."""
+    jitter (Tellez et al. 2018: each stain's concentration scaled by U(1-s, 1+s), shifted by
+    U(-s, s), in scikit-image's rgb2hed units as the common HEDJitter transforms; see :func:`hed_jitter`)."""
 
     crop_scale: tuple[float, float] = (0.2, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
@@ -210,17 +218,22 @@ def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 
 @functools.lru_cache
 def stain_matrices(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """RGB-from-HED and its inverse on ``device``, copied there once."""
-    return RGB_FROM_HED.to(device), torch.linalg.inv(RGB_FROM_HED).to(device)
+    """RGB-from-HED and its inverse (taken in float64, as scikit-image's) on ``device``, copied there once."""
+    return RGB_FROM_HED.to(device), torch.linalg.inv(RGB_FROM_HED.double()).float().to(device)
 
 
 def hed_jitter(images: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Perturb each image's haematoxylin, eosin and DAB optical densities: d' = d * scale + shift,
-    with ``scale`` and ``shift`` of shape (N, 3)."""
+    """Perturb each image's haematoxylin, eosin and DAB concentrations: c' = c * scale + shift, with
+    ``scale`` and ``shift`` of shape (N, 3). Per image this is scikit-image's
+    ``hed2rgb(rgb2hed(x) * scale + shift)``: concentrations are optical densities over ln(10^6)
+    (:data:`OD_PER_CONCENTRATION`), clipped at 0 before the jitter (so scale 1, shift 0 is
+    rgb2hed's round trip, not the identity, where a concentration is negative); RGB is clipped to [0, 1]."""
     rgb_from_hed, hed_from_rgb = stain_matrices(images.device)
-    density = -torch.log(images.clamp(min=1e-6)).permute(0, 2, 3, 1) @ hed_from_rgb
-    density = density * scale.view(-1, 1, 1, 3) + shift.view(-1, 1, 1, 3)  # unclamped: no draw, no change
-    return torch.exp(-(density @ rgb_from_hed)).clamp(0, 1).permute(0, 3, 1, 2).contiguous()
+    density = -torch.log(images.clamp(min=MIN_RGB)).permute(0, 2, 3, 1)  # (N, H, W, 3) optical density
+    concentration = ((density / OD_PER_CONCENTRATION) @ hed_from_rgb).clamp_(min=0)
+    concentration = concentration * scale.view(-1, 1, 1, 3) + shift.view(-1, 1, 1, 3)  # not clipped, as hed2rgb
+    rgb = torch.exp(-(concentration * OD_PER_CONCENTRATION) @ rgb_from_hed).clamp_(0, 1)
+    return rgb.permute(0, 3, 1, 2).contiguous()
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

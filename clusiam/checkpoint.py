@@ -10,6 +10,7 @@ random streams are reseeded from (seed, epoch, rank) at every epoch instead of s
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +29,29 @@ ARCHITECTURE_OPTIONS = ("model_type", "backbone", "feat_size", "num_clusters")
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
     """Write ``state`` to ``path`` atomically: a crash never leaves a half-written checkpoint."""
-    write_atomically(path, lambda temporary: torch.save({"format_version": FORMAT_VERSION, **state}, temporary))
+    def write(temporary: Path) -> None:
+        with open(temporary, "wb") as handle:  # a Python file, so that a full disk raises OSError(ENOSPC)
+            torch.save({"format_version": FORMAT_VERSION, **state}, handle)
+
+    write_atomically(path, write)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read a clusiam checkpoint safely (tensors and plain Python values only)."""
     path = Path(path)
+    if path.is_dir():
+        inside = " (it holds last.pth)" if (path / "last.pth").is_file() else ""
+        raise CheckpointError(f"{path} is a folder, not a checkpoint{inside}: pass the checkpoint file, e.g. "
+                              f"{path / 'last.pth'}, or resume a run folder with --save_path {path} --resume auto")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist: check the path given to --resume/--checkpoint")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's own message suggests weights_only=False, which would run whatever code the file holds.
+        raise CheckpointError(f"{path} holds objects other than tensors and plain values, so it was refused for "
+                              "safety (checkpoints are read without running code from them): pass a checkpoint "
+                              "that pretrain.py wrote") from None
     except Exception as error:
         raise CheckpointError(f"{path} is not a readable clusiam checkpoint "
                               f"({type(error).__name__}: {error})") from error

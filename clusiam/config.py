@@ -18,19 +18,15 @@ import yaml
 
 from clusiam.backbones import backbone_family
 from clusiam.distributed import add_dist_timeout
-from clusiam.errors import ConfigError
+from clusiam.errors import CommandParser, ConfigError, InRange
+from clusiam.files import check_output_folder
 from clusiam.models import METHODS
 
 
-class _Parser(argparse.ArgumentParser):
-    """Raises instead of exiting, so callers can say which file a bad value came from."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise ConfigError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    """Every option, with its default and, for numbers, the range it must lie in (checked as the
+    command line or a config file is parsed; see :class:`clusiam.errors.InRange`)."""
+    parser = CommandParser(
         prog="pretrain.py",
         description="Pretrain an encoder with CluSiam / CluBYOL (Wu et al., ICCV 2023) "
                     "or the SimSiam / BYOL baselines.",
@@ -43,39 +39,49 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--model_type", default="clusiam", choices=list(METHODS))
     model.add_argument("--backbone", default="resnet18",
                        help="resnet18 (the paper's), resnet50, mit_b1 (SegFormer / LPD encoder) or a timm model name")
-    model.add_argument("--num_clusters", default=100, type=int, help="clusters K of the assigner")
-    model.add_argument("--feat_size", default=None, type=int,
+    model.add_argument("--num_clusters", default=100, type=int, action=InRange, at_least=2,
+                       help="clusters K of the assigner")
+    model.add_argument("--feat_size", default=None, type=int, action=InRange, at_least=1,
                        help="projector output size (default: 2048 SimSiam family, 256 BYOL family)")
-    model.add_argument("--alpha", default=None, type=float,
+    model.add_argument("--alpha", default=None, type=float, action=InRange, at_least=0, at_most=1,
                        help="cluster loss weight (default: 0.5 clusiam, 0.9 clubyol; must be 0 for the baselines)")
-    model.add_argument("--tau", default=1.0, type=float, help="Gumbel-softmax temperature")
-    model.add_argument("--target_momentum", default=0.99, type=float, help="EMA momentum of the BYOL target network")
+    model.add_argument("--tau", default=1.0, type=float, action=InRange, above=0, help="Gumbel-softmax temperature")
+    model.add_argument("--target_momentum", default=0.99, type=float, action=InRange, at_least=0, at_most=1,
+                       help="EMA momentum of the BYOL target network")
     model.add_argument("--cosine_target_momentum", default=False, action=argparse.BooleanOptionalAction,
                        help="ramp the target momentum to 1 with a cosine over training (BYOL's schedule)")
-    model.add_argument("--eps", default=1e-8, type=float, help="epsilon of the cosine and normalisation")
+    model.add_argument("--eps", default=1e-8, type=float, action=InRange, above=0,
+                       help="epsilon of the cosine and normalisation")
 
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--epochs", default=50, type=int)
-    optim.add_argument("--start_epoch", default=0, type=int, help="ignored when --resume gives the epoch")
-    optim.add_argument("--lr", default=0.05, type=float,
+    optim.add_argument("--epochs", default=50, type=int, action=InRange, at_least=1)
+    optim.add_argument("--start_epoch", default=0, type=int, action=InRange, at_least=0,
+                       help="ignored when --resume gives the epoch")
+    # NaN is let through: it stops training at the first step with a NonFiniteLossError that keeps the
+    # last good checkpoint, and the test suite poisons a run with --lr nan to check exactly that.
+    optim.add_argument("--lr", default=0.05, type=float, action=InRange, above=0, allow_nan=True,
                        help="base learning rate; the SGD rate is lr * batch_size / 256")
-    optim.add_argument("--weight_decay", default=1e-4, type=float)
-    optim.add_argument("--momentum", default=0.9, type=float, help="SGD momentum")
+    optim.add_argument("--weight_decay", default=1e-4, type=float, action=InRange, at_least=0)
+    optim.add_argument("--momentum", default=0.9, type=float, action=InRange, at_least=0, below=1,
+                       help="SGD momentum")
     optim.add_argument("--fix_pred_lr", default=None, action=argparse.BooleanOptionalAction,
                        help="keep the predictor at the initial learning rate (default: on for the SimSiam family, "
                             "SimSiam's recipe; off for the BYOL family)")
-    optim.add_argument("--seed", default=0, type=int)
+    optim.add_argument("--seed", default=0, type=int, action=InRange, at_least=0,
+                       help="seeds every random draw (numpy's SeedSequence takes no negative seed)")
     optim.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     optim.add_argument("--precision", default="bf16", choices=["bf16", "fp32"],
                        help="bf16 autocast on GPU (the CPU always runs fp32)")
     add_dist_timeout(optim, "rank 0 checking images and computing statistics at the start")
 
     data = parser.add_argument_group("data")
-    data.add_argument("--batch_size", default=512, type=int,
+    data.add_argument("--batch_size", default=512, type=int, action=InRange, at_least=1,
                       help="global batch: under torchrun it is split evenly over the processes (lr scales with it)")
-    data.add_argument("--num_worker", default=8, type=int, help="data loading processes (0 = in the main process)")
-    data.add_argument("--image_size", default=224, type=int, help="side of each augmented view, in pixels")
-    data.add_argument("--patch_mpp", default=None, type=float,
+    data.add_argument("--num_worker", default=8, type=int, action=InRange, at_least=0,
+                      help="data loading processes (0 = in the main process)")
+    data.add_argument("--image_size", default=224, type=int, action=InRange, at_least=1,
+                      help="side of each augmented view, in pixels")
+    data.add_argument("--patch_mpp", default=None, type=float, action=InRange, above=0,
                       help="microns per pixel of the training patches (0.5 = 20x); recorded in checkpoints and exports")
     data.add_argument("--augment", default="batched", choices=["batched", "pil"],
                       help="batched: workers decode uint8 patches and the views are made in batch on the training "
@@ -84,19 +90,22 @@ def build_parser() -> argparse.ArgumentParser:
                       help="pathology option: vertical flips (p = 0.5) as well as horizontal ones")
     data.add_argument("--rotate90", default=False, action=argparse.BooleanOptionalAction,
                       help="pathology option: random rotations by 0, 90, 180 or 270 degrees")
-    data.add_argument("--hed_jitter", default=0.0, type=float,
-                      help="pathology option: H&E stain jitter strength (Tellez et al. 2018 use 0.05); 0 = off")
-    data.add_argument("--mean", default=None, type=float, nargs=3,
-                      help="per-channel mean (default: computed over the training files)")
-    data.add_argument("--std", default=None, type=float, nargs=3,
+    data.add_argument("--hed_jitter", default=0.0, type=float, action=InRange, at_least=0, below=1,
+                      help="pathology option: H&E stain jitter strength S, stains scaled by U(1-S, 1+S) "
+                           "(Tellez et al. 2018 use 0.05); 0 = off")
+    data.add_argument("--mean", default=None, type=float, nargs=3, action=InRange, at_least=0, at_most=1,
+                      help="per-channel mean of pixel values / 255 (default: computed over the training files)")
+    data.add_argument("--std", default=None, type=float, nargs=3, action=InRange, above=0,
                       help="per-channel std (default: computed over the training files)")
     data.add_argument("--skip_bad_files", default=False, action=argparse.BooleanOptionalAction,
                       help="leave unreadable or too-small images out (listed in SAVE_PATH/skipped_files.txt) "
                            "instead of stopping")
 
     logging = parser.add_argument_group("logging and checkpoints")
-    logging.add_argument("--print_freq", default=10, type=int, help="steps between logged scalars")
-    logging.add_argument("--save_freq", default=10, type=int, help="epochs between checkpoints")
+    logging.add_argument("--print_freq", default=10, type=int, action=InRange, at_least=1,
+                         help="steps between logged scalars")
+    logging.add_argument("--save_freq", default=10, type=int, action=InRange, at_least=1,
+                         help="epochs between checkpoints")
     logging.add_argument("--save_path", default=None,
                          help="run folder for checkpoints, statistics and logs (default: runs/<model_type>)")
     logging.add_argument("--log_dst", default=None,
@@ -112,11 +121,11 @@ def read_config_file(path: str | os.PathLike, parser: argparse.ArgumentParser) -
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--config {path}: no such file (the recipes are in configs/)")
-    values = yaml.safe_load(path.read_text()) or {}
+    values = load_yaml(path) or {}
     if not isinstance(values, dict):
         raise ConfigError(f"--config {path}: expected a mapping of option names to values")
     known = {action.dest for action in parser._actions} - {"help", "config"}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(map(str, set(values) - known))
     if unknown:
         raise ConfigError(f"--config {path}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
     tokens: list[str] = []
@@ -128,12 +137,36 @@ def read_config_file(path: str | os.PathLike, parser: argparse.ArgumentParser) -
         elif isinstance(value, list):
             tokens += [f"--{key}", *map(str, value)]
         elif value is not None:
-            tokens += [f"--{key}", str(value)]
+            tokens.append(f"--{key}={value}")  # one token: argparse would take -1e-4 alone for a flag
     try:
         checked = vars(parser.parse_args(tokens))
     except ConfigError as error:
         raise ConfigError(f"--config {path}: {error}") from None
     return {key: values[key] if key == "data_dir" else checked[key] for key in values}
+
+
+def load_yaml(path: Path) -> Any:
+    """The YAML document in ``path``; a file that is not YAML text, or not valid YAML, is a
+    ConfigError naming it and, where YAML knows it, the line."""
+    try:
+        # Bytes, not text: YAML then finds the encoding itself, and undecodable bytes are a ReaderError.
+        return yaml.safe_load(path.read_bytes())
+    except OSError as error:
+        raise ConfigError(f"--config {path} cannot be read ({error.strerror}): pass a YAML file you can read") from None
+    except yaml.reader.ReaderError as error:  # not UTF-8 text, or control characters: an image, a checkpoint
+        raise ConfigError(f"--config {path} is not a YAML text file (byte {error.position}: {error.reason}): "
+                          "pass a YAML file of options, such as configs/clusiam.yaml") from None
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = error.problem or error.context
+        fix = ("indent with spaces: YAML does not allow tabs" if "'\\t'" in str(problem)
+               else "correct the YAML there (see configs/ for examples)")
+        raise ConfigError(f"--config {path}{where}: {problem}; {fix}") from None
+    except yaml.YAMLError as error:
+        one_line = " ".join(str(error).split())
+        raise ConfigError(f"--config {path} is not valid YAML ({one_line}): correct it (see configs/ for examples)") \
+            from None
 
 
 def parse_config(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -145,28 +178,25 @@ def parse_config(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
 
     method = METHODS[args.model_type]
-    args.feat_size = args.feat_size or method.feat_size
+    if args.feat_size is None:
+        args.feat_size = method.feat_size
     if args.alpha is None:
         args.alpha = method.alpha
     if args.fix_pred_lr is None:
         args.fix_pred_lr = method.fix_pred_lr
     if not method.clustered and args.alpha != 0:
         raise ConfigError(f"--alpha {args.alpha}: {args.model_type} has no cluster head, so alpha must be 0")
-    if not 0 <= args.alpha <= 1:
-        raise ConfigError(f"--alpha {args.alpha}: must lie in [0, 1]")
     try:
         backbone_family(args.backbone)
     except ValueError as error:
         raise ConfigError(str(error)) from None
     if (args.mean is None) != (args.std is None):
         raise ConfigError("--mean and --std go together: give both or neither")
-    for name in ("epochs", "batch_size", "image_size", "print_freq", "save_freq", "feat_size"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name} must be at least 1 (got {getattr(args, name)})")
     if args.augment == "pil" and (args.vflip or args.rotate90 or args.hed_jitter):
         raise ConfigError("--vflip, --rotate90 and --hed_jitter need --augment batched")
-    if args.num_worker < 0:
-        raise ConfigError(f"--num_worker must be 0 or more (got {args.num_worker})")
     args.save_path = args.save_path or os.path.join("runs", args.model_type)
     args.log_dst = args.log_dst or os.path.join(args.save_path, "logs")
+    # Before any work (the demo set, the image check, the statistics): a run that cannot save is refused now.
+    check_output_folder(args.save_path, "--save_path")
+    check_output_folder(args.log_dst, "--log_dst")
     return args

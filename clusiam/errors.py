@@ -2,14 +2,18 @@
 
 A :class:`UserError` names the culprit (a file, a flag) and the fix. The CLIs run their work
 through :func:`run_command`, which prints it as one ``error: ...`` line and exits with status 2;
-anything else is a bug and keeps its traceback.
+anything else is a bug and keeps its traceback. Their options are parsed by a
+:class:`CommandParser`, so that a refused option is such an error too, and a number option
+states its range where it is defined, with :class:`InRange`.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 
 class UserError(Exception):
@@ -34,6 +38,10 @@ class SlideError(UserError):
 
 class ExportError(UserError):
     """A checkpoint that cannot give the requested export."""
+
+
+class DiskFullError(UserError):
+    """A write that ran out of space (or quota); what was there before it is intact."""
 
 
 class NonFiniteLossError(UserError):
@@ -74,3 +82,65 @@ def message(error: UserError) -> str:
     if "\nOriginal Traceback" not in text:
         return text
     return text.rstrip().rsplit(f"{type(error).__name__}: ", 1)[-1]
+
+
+class CommandParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are :class:`ConfigError` rather than usage and exit: a
+    refused option becomes one ``error: ...`` line like any other user error, and a config file
+    read through the parser can put its own name in front of the message."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(message)
+
+
+class InRange(argparse.Action):
+    """A number option with its range stated where it is defined:
+    ``add_argument("--lr", type=float, action=InRange, above=0)``; also ``at_least``,
+    ``below`` and ``at_most``. A value outside the range (each value, with ``nargs``) is
+    refused naming the flag and the rule, ``--lr must be above 0 (got -0.1)``, before any
+    work; values a config file passes through the same parser are checked alike. ``--help``
+    shows the rule. NaN lies in no range and is refused unless ``allow_nan``. Defaults are
+    the code's own and are not checked (None stays "unset")."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, *, above: float | None = None,
+                 at_least: float | None = None, below: float | None = None, at_most: float | None = None,
+                 allow_nan: bool = False, **options) -> None:
+        if (above is not None and at_least is not None) or (below is not None and at_most is not None):
+            raise ValueError(f"{dest}: give one lower bound (above or at_least) and one upper bound (below or at_most)")
+        self.above, self.at_least, self.below, self.at_most = above, at_least, below, at_most
+        self.allow_nan = allow_nan
+        self.rule = range_rule(above, at_least, below, at_most)
+        options["help"] = f"{options['help']} (must be {self.rule})" if options.get("help") else f"must be {self.rule}"
+        super().__init__(option_strings, dest, **options)
+
+    def admits(self, value: float) -> bool:
+        if math.isnan(value):
+            return self.allow_nan
+        return ((self.above is None or value > self.above) and (self.at_least is None or value >= self.at_least)
+                and (self.below is None or value < self.below) and (self.at_most is None or value <= self.at_most))
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values,
+                 option_string: str | None = None) -> None:
+        for value in values if isinstance(values, list) else [values]:
+            if not self.admits(value):
+                parser.error(f"{option_string or self.dest} must be {self.rule} (got {value})")
+        setattr(namespace, self.dest, values)
+
+
+def range_rule(above: float | None, at_least: float | None, below: float | None, at_most: float | None) -> str:
+    """The rule in words: one bound as ``above 0`` or ``at least 1``, two as an interval, ``in [0, 1)``."""
+    low = f"({above}" if above is not None else f"[{at_least}" if at_least is not None else None
+    high = f"{below})" if below is not None else f"{at_most}]" if at_most is not None else None
+    if low and high:
+        return f"in {low}, {high}"
+    bounds = {"above": above, "at least": at_least, "below": below, "at most": at_most}
+    return next(f"{words} {bound}" for words, bound in bounds.items() if bound is not None)
+
+
+def report_command_line(evaluate: Callable[[argparse.Namespace], object], parser: argparse.ArgumentParser,
+                        argv: Sequence[str] | None) -> int:
+    """:func:`report_command` for the options in ``argv``: one that ``parser`` (a
+    :class:`CommandParser`) refuses is reported like any user error, one line and status 2."""
+    parsed: list[argparse.Namespace] = []  # carries the options out of run_command
+    status = run_command(lambda: parsed.append(parser.parse_args(argv)))
+    return status or report_command(evaluate, parsed[0])

@@ -29,7 +29,7 @@ from torchvision import models
 from clusiam.backbones import backbone_family, build_timm
 from clusiam.checkpoint import load_pretrained
 from clusiam.errors import ExportError, run_command
-from clusiam.files import file_digest, write_atomically
+from clusiam.files import check_output_folder, file_digest, write_atomically
 from clusiam.mit import MixVisionTransformer
 
 LPD_KEYS_FILE = Path(__file__).parent / "assets" / "lpd_mit_b1_keys.tsv"
@@ -110,6 +110,9 @@ def export(checkpoint: Path, fmt: str, out: Path, bgr: bool = False, safetensors
                           "LPD reads ./pretrained/mit_b1.pth with torch.load")
     if out.suffix == ".json":
         raise ExportError(f"--out {out}: the weights need their own name; the JSON is written beside them")
+    if safetensors:
+        out = out.with_suffix(".safetensors")
+    check_export_path(out)
     model, state = load_pretrained(checkpoint)
     backbone = state["config"]["backbone"]
     family = backbone_family(backbone)
@@ -122,14 +125,32 @@ def export(checkpoint: Path, fmt: str, out: Path, bgr: bool = False, safetensors
     if safetensors:
         from safetensors.torch import save_file
 
-        out = out.with_suffix(".safetensors")
         write_atomically(out, lambda path: save_file(weights, str(path)))
     else:
-        write_atomically(out, lambda path: torch.save(weights, path))
+        write_atomically(out, lambda path: save_through_python(weights, path))
     write_atomically(out.with_suffix(".json"), lambda path: path.write_text(json.dumps(info, indent=2)))
     print(f"wrote {out} ({len(weights)} tensors, {sum(t.numel() for t in weights.values()):,} values) "
           f"and {out.with_suffix('.json')}")
     return out
+
+
+def check_export_path(out: Path) -> None:
+    """Refuse, before any work, a weight file or JSON name that an existing folder holds, and a
+    destination folder that cannot be made or written."""
+    if out.is_dir():
+        raise ExportError(f"--out {out} is a folder: pass a file name for the weights, e.g. {out / 'encoder.pth'}")
+    if out.with_suffix(".json").is_dir():
+        raise ExportError(f"--out {out}: {out.with_suffix('.json')}, where its JSON goes, is a folder: pass "
+                          "another file name")
+    check_output_folder(out.parent, "--out's folder")
+
+
+def save_through_python(weights: dict[str, torch.Tensor], path: Path) -> None:
+    """``torch.save`` through a Python file: given a path, torch writes from C++ and a full disk
+    is an opaque RuntimeError; through a file object it is an OSError (ENOSPC) underneath,
+    which :func:`clusiam.files.write_atomically` reports as a full disk naming the file."""
+    with open(path, "wb") as handle:
+        torch.save(weights, handle)
 
 
 def build_parser() -> argparse.ArgumentParser:

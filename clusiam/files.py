@@ -1,17 +1,22 @@
-"""Files on disk: finding them, telling them apart, and writing them atomically.
+"""Files on disk: finding them, telling them apart, writing them atomically, and the
+output folders the commands write into.
 
 Every checkpoint, export, feature file, bag and report is written through
 :func:`write_atomically`; caches and resume checks identify their inputs with
-:func:`file_digest` (a file's bytes) or :func:`file_list_key` (a list of files).
+:func:`file_digest` (a file's bytes) or :func:`file_list_key` (a list of files). A write that
+runs out of space is a :class:`DiskFullError` naming the file, not a traceback.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
-from collections.abc import Callable, Sequence
+import secrets
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from clusiam.errors import DataError
+from clusiam.errors import ConfigError, DataError, DiskFullError
 
 
 def find_files(root: str | os.PathLike, extensions: Sequence[str], noun: str, folder_advice: str,
@@ -46,15 +51,76 @@ def file_list_key(files: Sequence[Path]) -> str:
     return digest.hexdigest()
 
 
+# Out of space, out of quota, or over the file-size limit: the write cannot finish, and the fix is room.
+NO_ROOM = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+           errno.EFBIG: "file too large for the limit on this system"}
+
+
+def out_of_room(error: BaseException) -> str | None:
+    """Why ``error`` (or an error it was raised from) means the disk had no room, or None.
+    HDF5 and other C libraries report it only in their message."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in NO_ROOM:
+            return NO_ROOM[error.errno]
+        for text in ("No space left on device", "Disk quota exceeded"):
+            if text in str(error):
+                return text[0].lower() + text[1:]
+        error = error.__cause__ or error.__context__
+    return None
+
+
+@contextlib.contextmanager
+def reporting_full_disk(path: Path) -> Iterator[None]:
+    """Turn a write into ``path`` that runs out of room into a :class:`DiskFullError` naming it."""
+    existed = path.exists()
+    try:
+        yield
+    except Exception as error:
+        reason = out_of_room(error)
+        if reason is None:
+            raise
+        kept = f"the {path.name} that was there is intact" if existed else "nothing was written"
+        raise DiskFullError(f"{reason} while writing {path}: free space on that disk (or raise the quota) and "
+                            f"run again; {kept}") from None
+
+
 def write_atomically(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
-    """``write(temporary)`` beside ``path``, then one rename onto ``path``: a crash or an error
-    never leaves a half-written file under the final name, nor the temporary behind. The
-    temporary keeps the suffix (``last.tmp.pth``), for writers that add or check one."""
+    """``write(temporary)`` beside ``path``, then one rename onto ``path``: a crash, a full disk
+    or an error never leaves a half-written file under the final name, nor the temporary
+    behind. The temporary's name is unique to this write (two processes writing one file
+    never rename each other's) and keeps the suffix (``last.tmp.<unique>.pth``), for writers
+    that add or check one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{path.stem}.tmp{path.suffix}")
+    temporary = path.with_name(f"{path.stem}.tmp.{os.getpid()}-{secrets.token_hex(4)}{path.suffix}")
     try:
-        write(temporary)
-        os.replace(temporary, path)
+        with reporting_full_disk(path):
+            write(temporary)
+            os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def check_output_folder(path: str | os.PathLike, flag: str) -> Path:
+    """Refuse, before any work, an output folder that cannot be one: a file, a folder under a
+    file, or a place this process may not write. Creates nothing."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag} {path} is a file, not a folder: pass a folder (it is created if needed)")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{flag} {path} cannot be created: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path}: {existing} is read-only or not writable by this user; "
+                          "pass a folder you can write to")
+    return path
+
+
+def make_folder(path: Path, flag: str) -> Path:
+    """``mkdir -p`` of an output folder, whose failure (a read-only file system, say) names the flag."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"{flag} {path} cannot be created ({error.strerror}): pass a folder you can "
+                          "write to") from None
+    return path

@@ -6,9 +6,11 @@ the authors' ``root/<class>/<slide>/<patch>.png``.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -30,29 +32,63 @@ def find_images(root: str | os.PathLike, option: str) -> list[Path]:
                       "check the path, or tile slides into patches first")
 
 
-def inspect_image(path: Path, min_size: int) -> tuple[str | None, tuple[int, int] | None]:
-    """Cheaply check one file; return what is wrong with it (None if it is usable) and
-    its (width, height) when readable.
+# Pillow's modes for 16-bit greyscale; its 16-bit RGB(A) PNGs and TIFFs already arrive as 8-bit RGB(A).
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+# 32-bit integer and floating-point images have no fixed range to map onto 0-255.
+NO_FIXED_RANGE = ("I", "F")
 
-    Reads the header and, for PNG and JPEG, the end-of-file marker, which catches
-    truncated files without decoding them. Other formats are decoded in full.
+
+class Checked(NamedTuple):
+    """The verdict on a list of patch files: those to train on, and those left out, with why."""
+
+    good: list[Path]
+    bad: list[tuple[Path, str]]
+
+    def report(self, listing: Path | None) -> None:
+        """List the files left out in ``listing`` (written afresh, empty when none is) and say
+        how many there are."""
+        if listing is not None:
+            listing.parent.mkdir(parents=True, exist_ok=True)
+            listing.write_text("".join(f"{p}\t{why}\n" for p, why in self.bad))
+        if self.bad:
+            total = len(self.good) + len(self.bad)
+            where = f"; the list with reasons is in {listing}" if listing is not None else ""
+            print(f"skipped {len(self.bad)} of {total} files that cannot be used{where}")
+
+
+def inspect_image(path: Path, min_size: int) -> tuple[str | None, tuple[int, int] | None]:
+    """Check one file; return what is wrong with it (None if it is usable) and its (width,
+    height) when readable.
+
+    PNG and JPEG are first checked for their end-of-file marker, to name a truncated file as
+    such. Then a PNG's chunks are read and their checksums verified (any byte changed anywhere
+    shows, for little more than reading the file); a JPEG, TIFF or other file is decoded in
+    full. JPEG has no checksum: a full decode finds damage that breaks its structure, but
+    changed bytes inside its compressed data mostly decode without any error
+    (benchmarks/image_check.py measures both).
     """
     try:
-        if path.stat().st_size == 0:
+        length = path.stat().st_size
+        if length == 0:
             return "empty file (0 bytes)", None
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+            handle.seek(max(0, length - 64))
+            tail = handle.read()
+        marker = {b"\x89PNG\r\n\x1a\n": ("PNG", PNG_END), b"\xff\xd8": ("JPEG", JPEG_END)}
+        for magic, (fmt, end) in marker.items():
+            if head.startswith(magic) and not (tail.rstrip(b"\x00") if fmt == "JPEG" else tail).endswith(end):
+                return f"truncated {fmt} (no end-of-image marker)", None
         with Image.open(path) as image:
-            size = image.size
-            fmt = image.format
-            if fmt not in ("PNG", "JPEG"):
-                image.load()
+            size, fmt, mode = image.size, image.format, image.mode
+            if mode in NO_FIXED_RANGE:
+                return unsupported_mode(mode), size
+            try:
+                image.verify() if fmt == "PNG" else image.load()
+            except Exception as error:
+                return f"corrupt {fmt} ({type(error).__name__}: {error})", size
     except Exception as error:  # PIL raises many types for unreadable files
         return f"not a readable image ({type(error).__name__}: {error})", None
-    if fmt in ("PNG", "JPEG"):
-        with open(path, "rb") as handle:
-            handle.seek(max(0, path.stat().st_size - 64))
-            tail = handle.read().rstrip(b"\x00") if fmt == "JPEG" else handle.read()
-        if not tail.endswith(PNG_END if fmt == "PNG" else JPEG_END):
-            return f"truncated {fmt} (no end-of-image marker)", size
     if min(size) < min_size:
         return (
             f"image is {size[0]}x{size[1]}, smaller than the crop size {min_size}: "
@@ -61,57 +97,86 @@ def inspect_image(path: Path, min_size: int) -> tuple[str | None, tuple[int, int
     return None, size
 
 
-def check_images(
-    files: Sequence[Path], min_size: int, skip_bad_files: bool, report_path: Path | None = None,
-    same_size: bool = False,
-) -> list[Path]:
+def unsupported_mode(mode: str) -> str:
+    return (f"a {'32-bit integer' if mode == 'I' else 'floating-point'} image (mode {mode}) has no fixed range of "
+            "pixel values to read as 8-bit RGB: save the patches as 8-bit (or 16-bit) images")
+
+
+def check_images(files: Sequence[Path], min_size: int, skip_bad_files: bool, same_size: bool = False) -> Checked:
     """Check every file before training starts.
 
     Without ``skip_bad_files`` the first bad file raises :class:`DataError`. With it, bad
-    files are left out, counted, and listed (path and reason) in ``report_path``. With
-    ``same_size``, a file whose size differs from the first usable file's is bad too
-    (batches of uint8 patches need one size).
+    files are left out, with the reason. With ``same_size`` (batches of uint8 patches need
+    one size), the size most files have is kept and files of any other size are bad.
     """
     bad: list[tuple[Path, str]] = []
-    good: list[Path] = []
-    expected_size = None
+    sized: list[tuple[Path, tuple[int, int]]] = []
     with ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) * 4)) as pool, \
             tqdm(total=len(files), desc="checking images", unit="file") as bar:
         # In chunks, so millions of files never mean millions of pending futures.
         for start in range(0, len(files), CHECK_CHUNK):
             chunk = files[start : start + CHECK_CHUNK]
             for path, (problem, size) in zip(chunk, pool.map(lambda p: inspect_image(p, min_size), chunk)):
-                if problem is None and same_size:
-                    expected_size = expected_size or size
-                    if size != expected_size:
-                        problem = (f"image is {size[0]}x{size[1]}, unlike the {expected_size[0]}x{expected_size[1]} "
-                                   f"of {good[0]}: batched augmentation needs patches of one size; re-tile, or pass "
-                                   "--augment pil")
                 if problem is None:
-                    good.append(path)
+                    sized.append((path, size))
                 elif not skip_bad_files:
                     raise DataError(f"{path}: {problem}. Fix or remove it, or pass --skip_bad_files to leave bad "
                                     "files out")
                 else:
                     bad.append((path, problem))
             bar.update(len(chunk))
-    if bad:
-        message = f"skipped {len(bad)} of {len(files)} files that cannot be used"
-        if report_path is not None:
-            report_path.parent.mkdir(parents=True, exist_ok=True)
-            report_path.write_text("".join(f"{p}\t{why}\n" for p, why in bad))
-            message += f"; the list with reasons is in {report_path}"
-        print(message)
-    if not good:
+    if same_size:
+        sized, outliers = keep_one_size(sized, skip_bad_files)
+        bad += outliers
+    if not sized:
         raise DataError(f"none of the {len(files)} images is usable; see the reasons above")
-    return good
+    return Checked([path for path, _ in sized], bad)
+
+
+def keep_one_size(sized: list[tuple[Path, tuple[int, int]]],
+                  skip_bad_files: bool) -> tuple[list[tuple[Path, tuple[int, int]]], list[tuple[Path, str]]]:
+    """Split readable files into those of the size most of them have (the first file's among
+    equals) and the others, with why. Without ``skip_bad_files`` a second size is an error
+    that counts each size."""
+    counts = Counter(size for _, size in sized)
+    if len(counts) < 2:
+        return sized, []
+    (width, height), most = counts.most_common(1)[0]
+    others = ", ".join(f"{n} of {w}x{h}" for (w, h), n in counts.most_common() if (w, h) != (width, height))
+    if not skip_bad_files:
+        first = {size: path for path, size in reversed(sized)}  # the first file of each size
+        w, h = next(size for _, size in sized if size != (width, height))
+        raise DataError(f"{first[w, h]}: image is {w}x{h}, unlike the {width}x{height} of {first[width, height]} "
+                        f"and {most - 1} other files (others: {others}): batched augmentation needs patches of one "
+                        f"size; re-tile, pass --skip_bad_files to train on the {width}x{height} ones, or pass "
+                        "--augment pil")
+    print(f"keeping the {most} patches of {width}x{height}, the size most have; left out: {others}")
+    kept = [(path, size) for path, size in sized if size == (width, height)]
+    outliers = [(path, f"image is {w}x{h}, unlike the {width}x{height} most patches have: batched augmentation "
+                       "needs patches of one size") for path, (w, h) in sized if (w, h) != (width, height)]
+    return kept, outliers
+
+
+def rgb8(image: Image.Image, path: Path) -> Image.Image:
+    """``image`` as 8-bit RGB: grey, RGBA, palette and CMYK are converted; 16-bit grey is
+    scaled to 8 bits (Pillow's own conversion clips it to white); images without a fixed range
+    are refused."""
+    if image.mode in SIXTEEN_BIT:
+        grey16 = np.asarray(image, dtype=np.uint16).astype(np.float64)
+        return Image.fromarray(np.rint(grey16 / 257).astype(np.uint8), "L").convert("RGB")
+    if image.mode in NO_FIXED_RANGE:
+        raise DataError(f"{path}: {unsupported_mode(image.mode)}")
+    return image.convert("RGB")
 
 
 def load_rgb(path: Path) -> Image.Image:
-    """Decode one patch as 8-bit RGB (grey, RGBA and palette images are converted)."""
+    """Decode one patch as 8-bit RGB (see :func:`rgb8`)."""
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            image.load()
+            return rgb8(image, path)
+    except DataError:
+        raise
     except Exception as error:
         raise DataError(f"{path}: cannot be decoded ({type(error).__name__}: {error})") from error
 

@@ -23,11 +23,12 @@ from torch import nn
 
 from clusiam.checkpoint import load_pretrained
 from clusiam.distributed import add_dist_timeout, is_main, processes
-from clusiam.errors import ConfigError, DataError, report_command
+from clusiam.errors import CommandParser, ConfigError, DataError, InRange, report_command_line
 from clusiam.features import FEATURE_TYPES, PixelFeatures, cached_encode, feature_extractor
-from clusiam.files import file_digest
+from clusiam.files import check_output_folder, file_digest, make_folder
 from clusiam.knn import BACKENDS, choose_backend, l2_normalize, search, vote
 from clusiam.metrics import (
+    absent_class_warnings,
     classification_metrics,
     plot_confusion_matrix,
     positive_class,
@@ -54,7 +55,7 @@ class Encoder:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="evaluate_knn.py", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="evaluate_knn.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", nargs="+", required=True, help="one or more clusiam checkpoints")
     parser.add_argument("--train", required=True,
                         help="training patches: root/<class>/<slide>/<patch> or a CSV (path, label, slide)")
@@ -67,9 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="backbone output (the paper's) or projector output")
     parser.add_argument("--backend", default="auto", choices=["auto", *BACKENDS])
     parser.add_argument("--device", default="auto", help="where features are computed: auto, cpu, cuda, cuda:N")
-    parser.add_argument("--batch_size", type=int, default=256)
-    parser.add_argument("--num_workers", type=int, default=4)
-    parser.add_argument("--resize", type=int, default=None, help="bring every patch to N x N pixels before encoding")
+    parser.add_argument("--batch_size", type=int, default=256, action=InRange, at_least=1)
+    parser.add_argument("--num_workers", type=int, default=4, action=InRange, at_least=0,
+                        help="data loading processes (0 = in the main process)")
+    parser.add_argument("--resize", type=int, default=None, action=InRange, at_least=1,
+                        help="bring every patch to N x N pixels before encoding")
     parser.add_argument("--cache_dir", default=None, help="feature cache (default: OUT/cache)")
     parser.add_argument("--allow_overlap", action="store_true",
                         help="evaluate even when train and test share slides or files")
@@ -127,7 +130,7 @@ class Splits:
     test: LabelledPatches
     classes: list[str]
     positive: str | None
-    warnings: list[str]  # what the report must say (an overlap the user allowed)
+    warnings: list[str]  # what the report must say: an overlap the user allowed, classes a split lacks
 
     def counts(self) -> dict[str, int]:
         return {f"{name}_{what}": split_summary(patches)[what]
@@ -136,7 +139,8 @@ class Splits:
 
 def read_splits(args: argparse.Namespace) -> Splits:
     """``--train`` and ``--test``, refused when they overlap (unless ``--allow_overlap``) or
-    when a ``--k`` cannot be searched."""
+    when a ``--k`` cannot be searched; a split without some of the classes is evaluated, and
+    the report says what that leaves undefined."""
     train, test = read_labelled_patches(args.train), read_labelled_patches(args.test)
     problems = split_overlap(train, test)
     if problems and not args.allow_overlap:
@@ -146,8 +150,24 @@ def read_splits(args: argparse.Namespace) -> Splits:
     if min(args.k) < 1 or max(args.k) > len(train.paths):
         raise ConfigError(f"--k {' '.join(map(str, args.k))}: each k must lie between 1 and the "
                           f"{len(train.paths)} training patches")
-    return Splits(train, test, classes, positive_class(classes, args.positive),
-                  [f"train/test overlap allowed by --allow_overlap: {p}" for p in problems])
+    positive = positive_class(classes, args.positive)
+    warnings = [f"train/test overlap allowed by --allow_overlap: {p}" for p in problems]
+    warnings += training_set_warnings(train.labels, classes)
+    warnings += absent_class_warnings(test.labels, classes, positive)
+    return Splits(train, test, classes, positive, warnings)
+
+
+def training_set_warnings(labels: Sequence[str], classes: Sequence[str]) -> list[str]:
+    """The classes the KNN can never predict, because no training patch has them."""
+    in_training = sorted(set(labels))
+    absent = [c for c in classes if c not in in_training]
+    if not absent:
+        return []
+    if len(in_training) == 1:
+        return [f"the training set holds only class {in_training[0]}: every test patch is predicted "
+                f"{in_training[0]}; add patches of {', '.join(absent)} to the training set"]
+    return [f"{', '.join(absent)} {'does' if len(absent) == 1 else 'do'} not occur in the training set: the KNN "
+            f"never predicts {'it' if len(absent) == 1 else 'them'}; add such patches to the training set"]
 
 
 def all_encoders(args: argparse.Namespace) -> list[Encoder]:
@@ -198,6 +218,9 @@ def evaluate(args: argparse.Namespace) -> dict | None:
     """Run the evaluation and write the report folder; return the report. Under torchrun
     every process encodes its share of the patches and rank 0 alone searches and reports
     (the others return None)."""
+    check_output_folder(args.out, "--out")  # before any work: a report that cannot be written is refused now
+    if args.cache_dir:
+        check_output_folder(args.cache_dir, "--cache_dir")
     with processes(args.device, args.dist_timeout) as device:
         return evaluate_on(device, args)
 
@@ -212,7 +235,7 @@ def evaluate_on(device: torch.device, args: argparse.Namespace) -> dict | None:
     cache_dir = Path(args.cache_dir) if args.cache_dir else out / "cache"
     options = {"batch_size": args.batch_size, "num_workers": args.num_workers, "resize": args.resize}
     if is_main():
-        out.mkdir(parents=True, exist_ok=True)
+        make_folder(out, "--out")
     rows = []
     for encoder in encoders:
         started = time.perf_counter()
@@ -231,7 +254,9 @@ def evaluate_on(device: torch.device, args: argparse.Namespace) -> dict | None:
         "train": {"source": str(args.train), **split_summary(splits.train)},
         "test": {"source": str(args.test), **split_summary(splits.test)},
         "classes": splits.classes, "positive": splits.positive, "backend": backend, "device": str(device),
-        "tables_k": tables_k(args.k), "warnings": splits.warnings, "rows": rows,
+        "tables_k": tables_k(args.k), "rows": rows,
+        "warnings": splits.warnings + [f"{row['encoder']}, k = {row['k']}: {note}"
+                                       for row in rows for note in row["warnings"]],
     }
     write_report(out, report)
     return report
@@ -254,7 +279,7 @@ def write_report(out: Path, report: dict) -> None:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["rows"]:
-        f1 = "-" if row["f1"] is None else f"{row['f1']:.4f}"
+        f1 = score(row["f1"], 4)
         seconds = row["encode_seconds"] + row["search_seconds"]
         lines.append(f"| {row['encoder']} | {row['feature']} | {row['k']} | {f1} | {row['macro_f1']:.4f} | "
                      f"{row['accuracy']:.4f} | {row['balanced_accuracy']:.4f} | "
@@ -264,7 +289,7 @@ def write_report(out: Path, report: dict) -> None:
               "| encoder | k | " + " | ".join(report["classes"]) + " |",
               "|---|---|" + "---|" * len(report["classes"])]
     for row in report["rows"]:
-        cells = [f"{m['precision']:.3f} / {m['recall']:.3f} / {m['f1']:.3f} ({m['support']})"
+        cells = [f"{score(m['precision'], 3)} / {score(m['recall'], 3)} / {score(m['f1'], 3)} ({m['support']})"
                  for m in row["per_class"].values()]
         lines.append(f"| {row['encoder']} | {row['k']} | " + " | ".join(cells) + " |")
     if report["warnings"]:
@@ -272,5 +297,10 @@ def write_report(out: Path, report: dict) -> None:
     save_report(out, report, lines)
 
 
+def score(value: float | None, digits: int) -> str:
+    """A score for report.md; an undefined one (None) is "-"."""
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    return report_command(evaluate, build_parser().parse_args(argv))
+    return report_command_line(evaluate, build_parser(), argv)

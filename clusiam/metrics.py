@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,6 +12,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 import numpy as np
+from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import (
     accuracy_score,
     balanced_accuracy_score,
@@ -35,25 +37,65 @@ def positive_class(classes: Sequence[str], requested: str | None) -> str | None:
 def classification_metrics(y_true: Sequence[str], y_pred: Sequence[str], classes: Sequence[str],
                            positive: str | None) -> dict:
     """F1 of the positive class (binary: positive vs the rest), macro F1, accuracy,
-    balanced accuracy, per-class precision/recall/F1/support and the confusion matrix
-    (rows: true class, columns: predicted, in ``classes`` order)."""
+    balanced accuracy, per-class precision/recall/F1/support, the confusion matrix (rows:
+    true class, columns: predicted, in ``classes`` order) and ``warnings``.
+
+    A score that a missing class leaves undefined is None, not 0: the F1 of a positive class
+    that is not in the test set, the recall and F1 of any class not in the test set, the
+    precision of a class never predicted. ``warnings`` says the last in words, for the
+    report; :func:`absent_class_warnings` says what the test set itself leaves undefined.
+    scikit-learn's own warnings about them are kept off the console."""
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    precision, recall, f1, support = precision_recall_fscore_support(
-        y_true, y_pred, labels=list(classes), zero_division=0
-    )
+    in_test, predicted = set(y_true.tolist()), set(y_pred.tolist())
+    with warnings.catch_warnings():
+        # UndefinedMetricWarning: a precision, recall or F1 of 0/0; "y_pred contains classes not in
+        # y_true": balanced accuracy leaving such a class out. The report says both (see above).
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        precision, recall, f1, support = precision_recall_fscore_support(
+            y_true, y_pred, labels=list(classes), zero_division=0
+        )
+        metrics = {
+            "f1": float(f1_score(y_true == positive, y_pred == positive, zero_division=0))
+            if positive in in_test else None,
+            # Over the classes of the test set, as balanced accuracy: the F1 of a class that is
+            # only predicted (or only in the training split) is undefined, not 0.
+            "macro_f1": float(f1_score(y_true, y_pred, labels=sorted(in_test), average="macro", zero_division=0)),
+            "accuracy": float(accuracy_score(y_true, y_pred)),
+            "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
+        }
+    never_predicted = [c for c in classes if c in in_test and c not in predicted]
     return {
-        "f1": float(f1_score(y_true == positive, y_pred == positive, zero_division=0)) if positive else None,
-        # Over the classes that occur in truth or prediction, as balanced accuracy: a class of
-        # the training split alone would add an F1 of 0.
-        "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
+        **metrics,
         "per_class": {
-            c: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+            c: {"precision": float(p) if c in predicted else None, "recall": float(r) if c in in_test else None,
+                "f1": float(f) if c in in_test else None, "support": int(s)}
             for c, p, r, f, s in zip(classes, precision, recall, f1, support)
         },
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=list(classes)).tolist(),
+        "warnings": [f"{', '.join(never_predicted)} {'is' if len(never_predicted) == 1 else 'are'} never predicted: "
+                     "precision undefined (- in the per-class table)"] if never_predicted else [],
     }
+
+
+def absent_class_warnings(y_true: Sequence[str], classes: Sequence[str], positive: str | None) -> list[str]:
+    """What a test set without some of the classes leaves undefined, in words for a report."""
+    in_test = sorted(set(y_true))
+    absent = [c for c in classes if c not in in_test]
+    notes = []
+    if positive is not None and positive in absent:
+        if len(in_test) == 1:
+            notes.append(f"the test set holds only class {in_test[0]}: F1 of {positive} is undefined (null in "
+                         f"report.json, - in report.md); add {positive} patches to the test set to score it")
+        else:
+            notes.append(f"the positive class {positive} does not occur in the test set: its F1 is undefined (null "
+                         f"in report.json, - in report.md); add {positive} patches to the test set, or name "
+                         "another class with --positive")
+    if absent:
+        notes.append(f"{', '.join(absent)} {'does' if len(absent) == 1 else 'do'} not occur in the test set: "
+                     "recall and F1 undefined (- in the per-class table); macro F1 and balanced accuracy average over "
+                     f"{', '.join(in_test)} only")
+    return notes
 
 
 def plot_confusion_matrix(matrix: Sequence[Sequence[int]], classes: Sequence[str], title: str, path: Path) -> None:

@@ -16,6 +16,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from clusiam.distributed import earliest_step, gather_views, is_main, sum_over_ranks, world_size
 from clusiam.errors import NonFiniteLossError
+from clusiam.files import reporting_full_disk
 from clusiam.models import PretrainOutput
 from clusiam.monitor import cluster_diagnostics, projection_std
 
@@ -93,15 +94,29 @@ class RunLog:
                 self.writer.add_scalar(f"train/{name}", value, step)
 
     def epoch_row(self, row: dict[str, float]) -> None:
+        """Append an epoch's row (written once its checkpoint is on disk)."""
         if self.writer is None:
             return
         new = not self.csv_path.is_file()
-        with open(self.csv_path, "a", newline="") as handle:
+        with reporting_full_disk(self.csv_path), open(self.csv_path, "a", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(row))
             if new:
                 writer.writeheader()
             writer.writerow(row)
         self.writer.flush()
+
+    def restore_row(self, checkpoint: dict) -> None:
+        """Append the row of the checkpoint's epoch when the CSV lacks it: a run stopped between
+        saving its checkpoint and writing the row resumes with the row written."""
+        row = checkpoint.get("log_row")
+        if row is None or self.writer is None:
+            return
+        logged = set()
+        if self.csv_path.is_file():
+            with open(self.csv_path, newline="") as handle:
+                logged = {int(float(line["epoch"])) for line in csv.DictReader(handle)}
+        if row["epoch"] not in logged:
+            self.epoch_row(row)
 
     def close(self) -> None:
         if self.writer is not None:

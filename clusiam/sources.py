@@ -20,8 +20,25 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from clusiam.errors import DataError
 from clusiam.files import file_list_key, write_atomically
 from clusiam.images import load_rgb
+
+
+class SkipLog:
+    """The patches left out of a run (``--skip_bad_files``), one ``path<TAB>why`` line each, in a
+    file that the checks write first and that every process and DataLoader worker appends to
+    when a patch cannot be read later on (a file changed or gone, a decoder error)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def add(self, error: DataError) -> None:
+        with open(self.path, "a") as handle:  # one short append per line: writers do not interleave
+            handle.write(str(error).replace(": ", "\t", 1).replace("\n", " ") + "\n")
+
+    def count(self) -> int:
+        return len(self.path.read_text().splitlines()) if self.path.is_file() else 0
 
 
 class PatchSource(ABC):
@@ -44,23 +61,40 @@ class PatchSource(ABC):
     def slides(self) -> list[str]:
         """The names of the slides the patches come from, sorted."""
 
-    def dataset(self, transform: Callable[[Image.Image], object]) -> Dataset:
-        """A Dataset of ``transform(patch)``, for DataLoader workers."""
-        return TransformedPatches(self, transform)
+    def dataset(self, transform: Callable[[Image.Image], object], skipped: SkipLog | None = None,
+                stand_in: object = None) -> Dataset:
+        """A Dataset of ``transform(patch)``, for DataLoader workers (see :class:`TransformedPatches`)."""
+        return TransformedPatches(self, transform, skipped, stand_in)
 
 
 class TransformedPatches(Dataset):
-    """Item ``i``: ``transform`` of patch ``i`` of a source."""
+    """Item ``i``: ``transform`` of patch ``i`` of a source. A patch that cannot be read stops
+    the run, naming it; with a ``skipped`` log (``--skip_bad_files``) it is listed there
+    instead and ``stand_in`` takes its place, or, when that is None, the next readable patch
+    (so that batches keep their size and every process its share)."""
 
-    def __init__(self, source: PatchSource, transform: Callable[[Image.Image], object]) -> None:
+    def __init__(self, source: PatchSource, transform: Callable[[Image.Image], object],
+                 skipped: SkipLog | None = None, stand_in: object = None) -> None:
         self.source = source
         self.transform = transform
+        self.skipped = skipped
+        self.stand_in = stand_in
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, index: int):
-        return self.transform(self.source.read(index))
+        for offset in range(len(self.source)):
+            try:
+                return self.transform(self.source.read((index + offset) % len(self.source)))
+            except DataError as error:
+                if self.skipped is None:
+                    raise DataError(f"{error}. Fix or remove it (a run resumes with --resume auto), or pass "
+                                    "--skip_bad_files to leave unreadable patches out") from None
+                self.skipped.add(error)
+                if self.stand_in is not None:
+                    return self.stand_in
+        raise DataError(f"none of the {len(self.source)} patches can be read; see {self.skipped.path}")
 
 
 class FolderSource(PatchSource):
@@ -93,9 +127,12 @@ def _pixel_moments(image: Image.Image) -> torch.Tensor:
     return torch.cat([pixels.sum(0), (pixels**2).sum(0), count])
 
 
-def channel_statistics(source: PatchSource, num_workers: int = 0) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std over every pixel of the source's patches (values in [0, 1])."""
-    loader = DataLoader(source.dataset(_pixel_moments), batch_size=64, num_workers=num_workers, shuffle=False)
+def channel_statistics(source: PatchSource, num_workers: int = 0,
+                       skipped: SkipLog | None = None) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std over every pixel of the source's patches (values in [0, 1]);
+    with ``skipped``, over those that can be read (the others are listed there)."""
+    dataset = source.dataset(_pixel_moments, skipped, stand_in=torch.zeros(7, dtype=torch.float64))
+    loader = DataLoader(dataset, batch_size=64, num_workers=num_workers, shuffle=False)
     total = torch.zeros(7, dtype=torch.float64)
     for moments in tqdm(loader, desc="channel statistics", unit="batch"):
         total += moments.sum(0)
@@ -105,8 +142,8 @@ def channel_statistics(source: PatchSource, num_workers: int = 0) -> tuple[list[
     return mean.tolist(), std.tolist()
 
 
-def cached_channel_statistics(source: PatchSource, cache_path: Path,
-                              num_workers: int = 0) -> tuple[list[float], list[float]]:
+def cached_channel_statistics(source: PatchSource, cache_path: Path, num_workers: int = 0,
+                              skipped: SkipLog | None = None) -> tuple[list[float], list[float]]:
     """:func:`channel_statistics`, reused from ``cache_path`` when it was computed over a
     source of the same identity and recomputed otherwise."""
     key = source.identity
@@ -117,7 +154,7 @@ def cached_channel_statistics(source: PatchSource, cache_path: Path,
             cached = {}
         if cached.get("file_list_key") == key:
             return cached["mean"], cached["std"]
-    mean, std = channel_statistics(source, num_workers)
+    mean, std = channel_statistics(source, num_workers, skipped)
     record = {"file_list_key": key, "num_files": len(source), "mean": mean, "std": std}
     write_atomically(cache_path, lambda temporary: temporary.write_text(json.dumps(record)))
     return mean, std

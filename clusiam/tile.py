@@ -244,13 +244,33 @@ def tissue_tiles(mask: np.ndarray, plan: ReadPlan, min_tissue: float) -> tuple[n
     return np.array(coords, dtype=np.int64).reshape(-1, 2), tissue
 
 
-def tumour_region(options: TilingOptions, slide: str) -> shapely.Geometry | None:
+def tumour_region(options: TilingOptions, slide: str) -> tuple[shapely.Geometry | None, str | None]:
     """The slide's annotated tumour (empty when no file names it: Camelyon16 ships XML for
-    its tumour slides only); None without ``--annotations``."""
+    its tumour slides only), None without ``--annotations``; and a warning when its file
+    holds no polygon the tiler recognises, which labels every tile normal as silently as a
+    missing file would."""
     if options.annotations is None:
-        return None
+        return None, None
     annotations = annotation_file(options.annotations, slide)
-    return read_annotations(annotations) if annotations else shapely.Polygon()
+    if annotations is None:
+        return shapely.Polygon(), None
+    region = read_annotations(annotations)
+    if not region.is_empty:
+        return region, None
+    return region, (f"{annotations} holds no tumour polygon (only dots, lines or points, exclusions, or nothing): "
+                    f"every tile of {slide} is labelled normal; draw the tumour as polygons (ASAP: Polygon or Spline, "
+                    "group _0 or _1; QuPath: area annotations), or delete the file if the slide has no tumour")
+
+
+def no_tile_warning(path: Path, plan: ReadPlan, options: TilingOptions, tissue_mm2: float) -> str:
+    """Why a slide gave no patch, and what to change."""
+    if plan.tile0 > min(plan.width, plan.height):
+        return (f"{path} gave 0 patches: a {options.size} px tile at {options.mpp:g} um/px spans {plan.tile0:.0f} "
+                f"level-0 pixels, more than the slide's {plan.width} x {plan.height} at {plan.level0_mpp:g} um/px; "
+                "check --slide_mpp (0.25 for 40x, 0.5 for 20x), or lower --size or --mpp")
+    return (f"{path} gave 0 patches: no tile holds {options.min_tissue:.0%} tissue ({tissue_mm2} mm2 of tissue "
+            f"found); see {path.stem}_thumbnail.png in the index folder, and lower --min_tissue or set "
+            "--saturation_threshold")
 
 
 def tumour_fractions(coords: np.ndarray, tile0: float, region: shapely.Geometry) -> np.ndarray:
@@ -307,7 +327,7 @@ def tile_into(path: Path, relative: Path, staging: Path, options: TilingOptions)
         thumbnail = np.asarray(slide_thumbnail(slide, plan.thumb_scale))
         mask, threshold = tissue_mask(thumbnail, options.mask_mpp, options)
         coords, tissue = tissue_tiles(mask, plan, options.min_tissue)
-        region = tumour_region(options, name)
+        region, annotation_warning = tumour_region(options, name)
         paths = write_patches(slide, coords, plan, staging / "patches", relative, options)
     finally:
         slide.close()
@@ -318,12 +338,15 @@ def tile_into(path: Path, relative: Path, staging: Path, options: TilingOptions)
     write_index(staging / f"{name}.h5", name, coords, plan, options, tissue, paths, tumour, labels)
     draw_thumbnail(thumbnail, mask, coords / plan.thumb_scale, plan.tile0 / plan.thumb_scale,
                    staging / f"{name}_thumbnail.png", region, plan.thumb_scale)
+    tissue_mm2 = round(float(mask.sum()) * options.mask_mpp**2 / 1e6, 3)
+    warnings = [annotation_warning] if annotation_warning else []
+    if len(coords) == 0:
+        warnings.append(no_tile_warning(path, plan, options, tissue_mm2))
     return {
-        "slide": name, "tiles": len(coords),
-        "tissue_area_mm2": round(float(mask.sum()) * options.mask_mpp**2 / 1e6, 3),
+        "slide": name, "tiles": len(coords), "tissue_area_mm2": tissue_mm2,
         "mpp": plan.level0_mpp, "level": plan.level, "otsu_threshold": round(threshold, 4),
         "tumor_tiles": int((labels == "tumor").sum()) if labels is not None else "",
-        "seconds": round(time.time() - started, 2),
+        "seconds": round(time.time() - started, 2), "warnings": warnings,
         "patch_labels": [] if labels is None else list(zip(paths, labels.tolist(), [name] * len(paths))),
     }
 
@@ -441,18 +464,23 @@ def tile_all(slides: Sequence[Path], out: Path, index_dir: Path, classes: dict[s
             except Exception as error:  # any failure of one slide, whatever raised it
                 failed.append((futures[future], f"{type(error).__name__}: {error}"))
                 tqdm.write(f"skipped {futures[future]}: {error}")
+                continue
+            for warning in rows[-1]["warnings"]:  # printed here: the workers' own output would interleave
+                tqdm.write(f"warning: {warning}")
     shutil.rmtree(index_dir / STAGING, ignore_errors=True)
     return rows, failed
 
 
 def write_tables(index_dir: Path, out: Path, rows: list[dict], failed: list[tuple[Path, str]],
                  labelled: bool) -> Path:
-    """``tiles.csv``, ``patch_labels.csv`` (with annotations) and ``failed_slides.txt`` (only
-    when a slide failed: a list from an earlier run would no longer be true); return the
+    """``tiles.csv`` (its ``warnings`` column: what a slide gave that is likely not what was
+    meant, "; "-separated), ``patch_labels.csv`` (with annotations) and ``failed_slides.txt``
+    (only when a slide failed: a list from an earlier run would no longer be true); return the
     last one's path."""
     patch_labels = [label for row in rows for label in row.pop("patch_labels")]
     columns = ("slide", "tiles", "tissue_area_mm2", "mpp", "level", "otsu_threshold", "tumor_tiles", "seconds")
-    write_csv(index_dir / "tiles.csv", columns, [[row[column] for column in columns] for row in rows])
+    write_csv(index_dir / "tiles.csv", (*columns, "warnings"),
+              [[*(row[column] for column in columns), "; ".join(row["warnings"])] for row in rows])
     if labelled:
         relative = Path("..") / out.name if index_dir.parent == out.parent else out
         write_csv(index_dir / "patch_labels.csv", ("path", "label", "slide"),
@@ -480,7 +508,9 @@ def tile(args: argparse.Namespace) -> dict:
     failed_list = write_tables(index_dir, out, rows, failed, labelled=options.annotations is not None)
     if not rows:
         raise DataError(f"none of the {len(slides)} slide(s) could be tiled; the reasons are in {failed_list}")
+    warned = sum(1 for row in rows if row["warnings"])
     print(f"{sum(r['tiles'] for r in rows)} patches from {len(rows)} slides into {out}; index in {index_dir}"
+          + (f"; {warned} slide(s) with warnings (in tiles.csv)" if warned else "")
           + (f"; {len(failed)} slide(s) could not be read (listed in {failed_list})" if failed else ""))
     return {"rows": rows, "failed": failed, "index_dir": index_dir}
 

@@ -14,9 +14,10 @@ gathered global batch; only rank 0 writes files or prints.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,12 +35,14 @@ from clusiam.checkpoint import ARCHITECTURE_OPTIONS, load_checkpoint, save_check
 from clusiam.config import parse_config
 from clusiam.demo import DemoSpec, prepare_demo
 from clusiam.distributed import barrier, check_replicas_agree, is_main, main_computes, processes, rank, world_size
-from clusiam.errors import ConfigError, DataError, run_command
-from clusiam.images import check_images, find_images, uint8_tensor
+from clusiam.errors import ConfigError, DataError, DiskFullError, run_command
+from clusiam.files import make_folder
+from clusiam.images import Checked, check_images, find_images, uint8_tensor
 from clusiam.models import PretrainModel
 from clusiam.monitor import CLUSTER_DIAGNOSTICS, collapse_warnings
+from clusiam.runlock import RunLock
 from clusiam.runlog import EpochLog, RunLog, mean_over_ranks, step_diagnostics
-from clusiam.sources import FolderSource, PatchSource, cached_channel_statistics
+from clusiam.sources import FolderSource, PatchSource, SkipLog, cached_channel_statistics
 from clusiam.step import LossSettings, build_optimizer, set_learning_rate, training_step
 
 # Options a resumed run is told about when they differ from the checkpoint's.
@@ -56,6 +59,8 @@ class Run:
     """What a run trains with, set up once by :func:`set_up_run`; only ``step`` changes."""
 
     source: PatchSource
+    skipped: SkipLog | None  # with --skip_bad_files: the patches left out, and why
+    skipped_reported: int  # how many of them the run has already warned about
     dataset: Dataset  # the source through what the DataLoader workers do to each patch
     make_views: ViewMaker
     model: PretrainModel
@@ -113,43 +118,68 @@ def checkpoint_to_resume(args: argparse.Namespace, save_path: Path) -> tuple[Pat
     """The checkpoint this run continues (path and contents), or (None, None) for a new run;
     a new run refuses a folder that holds another run's last.pth."""
     resume = resume_path(args, save_path)
-    if resume is None and (save_path / "last.pth").is_file():
-        raise ConfigError(f"{save_path / 'last.pth'} is from an earlier run: pass --resume auto to continue it, "
-                          "or another --save_path")
+    refuse_earlier_run(resume, save_path)
     return resume, load_resumable(resume, args) if resume else None
 
 
-def training_source(args: argparse.Namespace, save_path: Path) -> PatchSource:
-    """The checked training patches (the demo set when no DATA_DIR is given). Rank 0 writes
-    the demo set and checks the images; every rank gets its verdict."""
-    data_dir = args.data_dir
-    if data_dir is None:
-        demo_size = DemoSpec().patch_size
-        if args.image_size > demo_size:
-            raise ConfigError(f"the built-in demo set has {demo_size} px patches, smaller than --image_size "
-                              f"{args.image_size}: run `python pretrain.py --config configs/demo.yaml`, "
-                              f"or pass --image_size {demo_size} (or a DATA_DIR)")
-        data_dir = main_computes(lambda: prepare_demo(save_path / "demo_data"))
-        print_rank_zero(f"no DATA_DIR given: training on the built-in demo set in {data_dir}")
-    files = find_images(data_dir, "DATA_DIR (or none, for the built-in demo)")
+def refuse_earlier_run(resume: Path | None, save_path: Path) -> None:
+    """A new run must not write over another run's checkpoints."""
+    if resume is None and (save_path / "last.pth").is_file():
+        raise ConfigError(f"{save_path / 'last.pth'} is from an earlier run: pass --resume auto to continue it, "
+                          "or another --save_path")
 
-    def usable() -> list[bool]:
-        good = set(check_images(files, args.image_size, args.skip_bad_files, save_path / "skipped_files.txt",
-                                same_size=args.augment == "batched"))
-        return [path in good for path in files]
 
-    return FolderSource([path for path, keep in zip(files, main_computes(usable)) if keep])
+def check_demo_size(args: argparse.Namespace) -> None:
+    """The built-in demo set's patches must be large enough for the views."""
+    demo_size = DemoSpec().patch_size
+    if args.image_size > demo_size:
+        raise ConfigError(f"the built-in demo set has {demo_size} px patches, smaller than --image_size "
+                          f"{args.image_size}: run `python pretrain.py --config configs/demo.yaml`, "
+                          f"or pass --image_size {demo_size} (or a DATA_DIR)")
+
+
+def check_patches(data_dir: Path, args: argparse.Namespace) -> Checked:
+    """Every patch file under ``data_dir`` checked (rank 0 checks; every rank gets the
+    verdict); nothing is written."""
+    def check() -> Checked:
+        files = find_images(data_dir, "DATA_DIR (or none, for the built-in demo)")
+        return check_images(files, args.image_size, args.skip_bad_files, same_size=args.augment == "batched")
+
+    return main_computes(check)
+
+
+@contextlib.contextmanager
+def run_folder(save_path: Path, log_dst: Path) -> Iterator[None]:
+    """Create the run folder and hold its lock (:mod:`clusiam.runlock`, on rank 0) while the
+    run lives; a folder another live run holds is refused, naming that run."""
+    lock = RunLock(save_path) if is_main() else None
+
+    def claim() -> str | None:
+        make_folder(save_path, "--save_path")
+        return lock.acquire()
+
+    refusal = main_computes(claim)
+    if refusal is not None:
+        raise ConfigError(refusal)
+    try:
+        if is_main():
+            make_folder(log_dst, "--log_dst")
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def normalization(args: argparse.Namespace, checkpoint: dict | None, source: PatchSource,
-                  save_path: Path) -> tuple[list[float], list[float]]:
+                  skipped: SkipLog | None) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of the views: a resumed run's own, ``--mean/--std``, or the
     statistics of the training patches (computed once by rank 0 and cached)."""
     if checkpoint is not None:
         return checkpoint["normalization"]["mean"], checkpoint["normalization"]["std"]
     if args.mean is not None:
         return args.mean, args.std
-    return main_computes(lambda: cached_channel_statistics(source, save_path / "normalization.json", args.num_worker))
+    cache = Path(args.save_path) / "normalization.json"
+    return main_computes(lambda: cached_channel_statistics(source, cache, args.num_worker, skipped))
 
 
 def view_pipeline(args: argparse.Namespace, mean: Sequence[float], std: Sequence[float], device: torch.device,
@@ -179,12 +209,12 @@ def build_model(args: argparse.Namespace, device: torch.device, memory_format: t
     return model.to(device, memory_format=memory_format)
 
 
-def set_up_run(device: torch.device, args: argparse.Namespace, checkpoint: dict | None) -> Run:
-    """Data, normalisation, network and optimizer of a run, restored from ``checkpoint`` when
-    it continues one."""
-    save_path = Path(args.save_path)
-    source = training_source(args, save_path)
-    mean, std = normalization(args, checkpoint, source, save_path)
+def set_up_run(device: torch.device, args: argparse.Namespace, checkpoint: dict | None, source: PatchSource,
+               skipped: SkipLog | None) -> Run:
+    """Normalisation, network and optimizer of a run on ``source``, restored from
+    ``checkpoint`` when it continues one."""
+    skipped_reported = skipped.count() if skipped is not None and is_main() else 0  # the check's, reported
+    mean, std = normalization(args, checkpoint, source, skipped)
     steps_per_epoch = len(source) // args.batch_size
     if steps_per_epoch == 0:
         raise DataError(f"only {len(source)} usable images for --batch_size {args.batch_size}: lower --batch_size")
@@ -204,7 +234,8 @@ def set_up_run(device: torch.device, args: argparse.Namespace, checkpoint: dict 
     if world_size() > 1:
         network = DistributedDataParallel(model, device_ids=[device] if on_gpu else None)
     transform, make_views = view_pipeline(args, mean, std, device, memory_format)
-    return Run(source=source, dataset=source.dataset(transform), make_views=make_views, model=model,
+    return Run(source=source, skipped=skipped, skipped_reported=skipped_reported,
+               dataset=source.dataset(transform, skipped), make_views=make_views, model=model,
                network=network, optimizer=optimizer, loss=LossSettings(args.alpha, args.tau, args.eps),
                mean=list(mean), std=list(std), init_lr=init_lr, start_epoch=start_epoch, step=step,
                steps_per_epoch=steps_per_epoch, device=device, autocast=on_gpu and args.precision == "bf16")
@@ -281,24 +312,42 @@ def train_one_epoch(run: Run, epoch: int, args: argparse.Namespace, log: RunLog)
 
 def finish_epoch(run: Run, epoch: int, record: EpochLog, seconds: float, args: argparse.Namespace,
                  log: RunLog) -> None:
-    """The end of an epoch: replicas checked, its CSV row and collapse warnings, its checkpoints."""
+    """The end of an epoch: replicas checked, its checkpoints, then its CSV row (so the CSV
+    never holds an epoch that was not saved), collapse warnings and patches left out."""
     averages = record.averages()
     check_replicas_agree(run.model)
     if not is_main():
         return
-    log.epoch_row({"epoch": epoch + 1, "step": run.step, "lr": record.lr, **averages, "seconds": round(seconds, 2),
-                   "images_per_s": round(record.steps * args.batch_size / max(seconds, 1e-9), 1)})
-    for warning in collapse_warnings(averages, args.num_clusters if run.model.method.clustered else None):
-        print(f"warning (epoch {epoch + 1}): {warning}")
+    row = {"epoch": epoch + 1, "step": run.step, "lr": record.lr, **averages, "seconds": round(seconds, 2),
+           "images_per_s": round(record.steps * args.batch_size / max(seconds, 1e-9), 1)}
     state = {
         "epoch": epoch + 1, "step": run.step, "state_dict": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict(), "config": {**vars(args), "world_size": world_size()},
-        "normalization": {"mean": run.mean, "std": run.std},
+        "normalization": {"mean": run.mean, "std": run.std}, "log_row": row,
     }
-    save_path = Path(args.save_path)
-    if (epoch + 1) % args.save_freq == 0:
-        save_checkpoint(state, save_path / f"checkpoint_{epoch + 1:04d}.pth")
-    save_checkpoint(state, save_path / "last.pth")
+    save_epoch(state, Path(args.save_path), save_numbered=(epoch + 1) % args.save_freq == 0)
+    log.epoch_row(row)
+    for warning in collapse_warnings(averages, args.num_clusters if run.model.method.clustered else None):
+        print(f"warning (epoch {epoch + 1}): {warning}")
+    if run.skipped is not None and run.skipped.count() > run.skipped_reported:
+        print(f"warning (epoch {epoch + 1}): {run.skipped.count() - run.skipped_reported} more patches could not "
+              "be read (left out of the statistics, or replaced in their batch by the next readable patch); they "
+              f"are listed in {run.skipped.path}")
+        run.skipped_reported = run.skipped.count()
+
+
+def save_epoch(state: dict, save_path: Path, save_numbered: bool) -> None:
+    """``checkpoint_NNNN.pth`` (every --save_freq epochs), then ``last.pth``. A full disk stops
+    the run with the last good checkpoint intact."""
+    last = save_path / "last.pth"
+    try:
+        if save_numbered:
+            save_checkpoint(state, save_path / f"checkpoint_{state['epoch']:04d}.pth")
+        save_checkpoint(state, last)
+    except DiskFullError as error:
+        kept = f"the last good checkpoint {last} is intact" if last.is_file() else "no checkpoint was written"
+        raise DiskFullError(f"{error}. Epoch {state['epoch']} was not saved; {kept} (resume with --resume auto "
+                            "once there is room)") from None
 
 
 # --- the whole run ----------------------------------------------------------------------
@@ -311,9 +360,7 @@ def train(args: argparse.Namespace) -> Path:
 
 def train_on(device: torch.device, args: argparse.Namespace) -> Path:
     save_path, log_dst = Path(args.save_path), Path(args.log_dst)
-    if is_main():
-        save_path.mkdir(parents=True, exist_ok=True)
-        log_dst.mkdir(parents=True, exist_ok=True)
+    # Every input is accepted before anything is written: options, the checkpoint, the patches.
     if args.batch_size % world_size():
         raise ConfigError(f"--batch_size {args.batch_size} is the global batch and must split evenly over the "
                           f"{world_size()} processes: pass a multiple of {world_size()}")
@@ -322,17 +369,30 @@ def train_on(device: torch.device, args: argparse.Namespace) -> Path:
         print_rank_zero(f"{resume} already holds {checkpoint['epoch']} epochs (--epochs {args.epochs}): "
                         "nothing to train; pass a larger --epochs to train on")
         return resume
-    run = set_up_run(device, args, checkpoint)
-    if checkpoint is not None:
-        print_rank_zero(f"resumed {resume} at epoch {run.start_epoch}, step {run.step}")
-    log = RunLog(log_dst)
-    announce(run, args)
-    for epoch in range(run.start_epoch, args.epochs):
-        started = time.time()
-        record = train_one_epoch(run, epoch, args, log)
-        finish_epoch(run, epoch, record, time.time() - started, args, log)
-    log.close()
-    barrier()  # the last checkpoint exists before any process returns its path
+    if args.data_dir is None:
+        check_demo_size(args)
+    checked = None if args.data_dir is None else check_patches(args.data_dir, args)
+    with run_folder(save_path, log_dst):
+        refuse_earlier_run(resume, save_path)  # again, now that no other run can write here
+        if checked is None:
+            demo = main_computes(lambda: prepare_demo(save_path / "demo_data"))
+            print_rank_zero(f"no DATA_DIR given: training on the built-in demo set in {demo}")
+            checked = check_patches(demo, args)
+        skipped = SkipLog(save_path / "skipped_files.txt") if args.skip_bad_files else None
+        if is_main():
+            checked.report(skipped.path if skipped else None)
+        run = set_up_run(device, args, checkpoint, FolderSource(checked.good), skipped)
+        log = RunLog(log_dst)
+        if checkpoint is not None:
+            print_rank_zero(f"resumed {resume} at epoch {run.start_epoch}, step {run.step}")
+            log.restore_row(checkpoint)
+        announce(run, args)
+        for epoch in range(run.start_epoch, args.epochs):
+            started = time.time()
+            record = train_one_epoch(run, epoch, args, log)
+            finish_epoch(run, epoch, record, time.time() - started, args, log)
+        log.close()
+        barrier()  # the last checkpoint exists before any process returns its path
     last = save_path / "last.pth"
     print_rank_zero(f"done: {last}")
     return last

@@ -27,9 +27,9 @@ from tqdm import tqdm
 
 from clusiam.checkpoint import load_pretrained
 from clusiam.distributed import add_dist_timeout, barrier, is_main, main_computes, processes, shard
-from clusiam.errors import DataError, run_command
+from clusiam.errors import CommandParser, DataError, InRange, run_command
 from clusiam.features import FEATURE_TYPES, encode, feature_extractor, precision
-from clusiam.files import file_digest, write_atomically
+from clusiam.files import check_output_folder, file_digest, make_folder, write_atomically
 from clusiam.images import find_images
 from clusiam.tables import read_table
 
@@ -38,16 +38,18 @@ ENCODING_ATTRIBUTES = ("checkpoint_sha256", "feature", "resize", "precision")  #
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m mil.compute_feats", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="python -m mil.compute_feats", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--patches", required=True, help="root of the slide folders")
     parser.add_argument("--out", required=True, help="folder for the <slide>.h5 bags")
     parser.add_argument("--labels", default=None,
                         help="slides.csv (slide, label): slides listed there without patches are reported")
     parser.add_argument("--feature", default="backbone", choices=FEATURE_TYPES)
-    parser.add_argument("--batch_size", type=int, default=512)
-    parser.add_argument("--num_workers", type=int, default=8)
-    parser.add_argument("--resize", type=int, default=None, help="bring every patch to N x N pixels first")
+    parser.add_argument("--batch_size", type=int, default=512, action=InRange, at_least=1)
+    parser.add_argument("--num_workers", type=int, default=8, action=InRange, at_least=0,
+                        help="data loading processes (0 = in the main process)")
+    parser.add_argument("--resize", type=int, default=None, action=InRange, at_least=1,
+                        help="bring every patch to N x N pixels first")
     parser.add_argument("--device", default="auto")
     add_dist_timeout(parser, "the others finishing their slides")
     return parser
@@ -111,6 +113,7 @@ def write_bag(path: Path, features: np.ndarray, files: Sequence[Path], root: Pat
 
 def compute(args: argparse.Namespace) -> dict[str, int]:
     """Write every missing bag; return how many slides were encoded, skipped and missing."""
+    check_output_folder(args.out, "--out")  # before any work: bags that cannot be written are refused now
     with processes(args.device, args.dist_timeout) as device:
         return compute_on(device, args)
 
@@ -125,7 +128,7 @@ def compute_on(device: torch.device, args: argparse.Namespace) -> dict[str, int]
                   "model_type": state["config"]["model_type"], "backbone": state["config"]["backbone"]}
     slides = slide_patches(root)
     missing = sorted(set(read_table(args.labels, ("slide", "label"))) - set(slides)) if args.labels else []
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out, "--out")
     # Rank 0 decides what is left, so that no process sees a bag another has just written.
     pending = main_computes(lambda: [s for s in slides if not is_done(out / f"{s}.h5", encoding)])
     mean, std = state["normalization"]["mean"], state["normalization"]["std"]

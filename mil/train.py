@@ -1,6 +1,7 @@
 """Slide classification on frozen patch features with DSMIL (or a pooling baseline), under
 a protocol that does not leak: the best epoch and the decision thresholds come from the
-validation slides; the test slides are read once, after training, and only scored.
+validation slides; the test slides are scored once, after training (before it, their bags
+are only checked: present, made alike, finite).
 
     python -m mil.train --feats feats/ --labels slides.csv [--split split.csv] --out reports/mil
 
@@ -32,7 +33,8 @@ from sklearn.model_selection import StratifiedKFold, train_test_split
 from tqdm import tqdm
 
 from clusiam.distributed import resolve_device
-from clusiam.errors import ConfigError, DataError, report_command
+from clusiam.errors import CommandParser, ConfigError, DataError, InRange, report_command_line
+from clusiam.files import check_output_folder, make_folder
 from clusiam.metrics import positive_class, save_report
 from clusiam.tables import read_table, write_csv
 from mil.compute_feats import ENCODING_ATTRIBUTES, bag_encoding
@@ -50,7 +52,7 @@ class Bag:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m mil.train", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="python -m mil.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--feats", required=True, help="folder of <slide>.h5 bags (mil.compute_feats)")
     parser.add_argument("--labels", required=True, help="CSV with columns slide, label")
     parser.add_argument("--split", default=None,
@@ -62,18 +64,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--aggregator", default="dsmil", choices=list(AGGREGATORS))
     parser.add_argument("--average", default=True, action=argparse.BooleanOptionalAction,
                         help="DSMIL's score = mean of sigmoid(bag) and sigmoid(max instance) (its 2023 default)")
-    parser.add_argument("--epochs", type=int, default=50)
-    parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--weight_decay", type=float, default=5e-3)
-    parser.add_argument("--min_lr", type=float, default=5e-6, help="end of the cosine schedule")
-    parser.add_argument("--patience", type=int, default=0,
+    parser.add_argument("--epochs", type=int, default=50, action=InRange, at_least=1)
+    parser.add_argument("--lr", type=float, default=2e-4, action=InRange, above=0)
+    parser.add_argument("--weight_decay", type=float, default=5e-3, action=InRange, at_least=0)
+    parser.add_argument("--min_lr", type=float, default=5e-6, action=InRange, at_least=0,
+                        help="end of the cosine schedule")
+    parser.add_argument("--patience", type=int, default=0, action=InRange, at_least=0,
                         help="stop after this many epochs without a better validation score (0: never)")
     parser.add_argument("--folds", type=int, default=0,
                         help="K-fold cross-validation on the non-test slides, val included (0: use the split's val)")
-    parser.add_argument("--seeds", type=int, default=1, help="repeat each run with seeds 0 .. N-1")
-    parser.add_argument("--split_seed", type=int, default=0, help="seed of the split made when no --split is given")
-    parser.add_argument("--test_fraction", type=float, default=0.2)
-    parser.add_argument("--val_fraction", type=float, default=0.25, help="share of the non-test slides for validation")
+    parser.add_argument("--seeds", type=int, default=1, action=InRange, at_least=1,
+                        help="repeat each run with seeds 0 .. N-1")
+    parser.add_argument("--split_seed", type=int, default=0, action=InRange, at_least=0,
+                        help="seed of the split made when no --split is given")
+    parser.add_argument("--test_fraction", type=float, default=0.2, action=InRange, above=0, below=1,
+                        help="share of the slides for testing, when no --split is given")
+    parser.add_argument("--val_fraction", type=float, default=0.25, action=InRange, above=0, below=1,
+                        help="share of the non-test slides for validation, when no --split is given")
     parser.add_argument("--device", default="auto")
     return parser
 
@@ -126,9 +133,10 @@ def runs(split: dict[str, str], labels: dict[str, str], folds: int, seeds: int, 
 
 
 def check_bags(folder: Path, slides: Sequence[str]) -> None:
-    """Before any training: every slide has a bag with patches, and all bags were made alike
-    (one feature width and one :func:`mil.compute_feats.bag_encoding`). Only shapes and
-    attributes are read here; the test slides' features stay unread until the end."""
+    """Before any training: every slide has a bag of finite features with patches, and all bags
+    were made alike (one feature width and one :func:`mil.compute_feats.bag_encoding`). The
+    test slides' features are read here only to check that they are finite (a NaN would
+    surface as a failed AUC after all the training); they are otherwise unused until the end."""
     missing = [s for s in slides if not (folder / f"{s}.h5").is_file()]
     if missing:
         raise DataError(f"{len(missing)} slide(s) have no features in {folder}, e.g. {missing[0]}.h5: "
@@ -140,10 +148,15 @@ def check_bags(folder: Path, slides: Sequence[str]) -> None:
             with h5py.File(path, "r") as handle:
                 shape = handle["features"].shape
                 made = (shape[1:], *bag_encoding(handle))
+                finite = bool(np.isfinite(handle["features"][:]).all())
         except (OSError, KeyError) as error:
             raise DataError(f"{path} is not a feature bag ({error}): run mil.compute_feats again for {slide}") from None
         if shape[0] == 0:
-            raise DataError(f"{path} holds no patches")
+            raise DataError(f"{path} holds no patches: encode {slide} again (delete the bag and run "
+                            "mil.compute_feats), or drop it from the labels")
+        if not finite:
+            raise DataError(f"{path} holds NaN or infinite features: encode {slide} again (delete the bag and run "
+                            "mil.compute_feats; a bag that is there is skipped)")
         if first is None:
             first = (slide, made)
         elif made != first[1]:
@@ -279,11 +292,10 @@ class Protocol:
 
 
 def check_options(args: argparse.Namespace) -> None:
+    """What the parser cannot check by itself: the number of folds, and where the report goes."""
     if args.folds < 0 or args.folds == 1:
         raise ConfigError(f"--folds {args.folds}: use 0 (the split's val) or K >= 2 folds")
-    for name in ("epochs", "seeds"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name} must be at least 1 (got {getattr(args, name)})")
+    check_output_folder(args.out, "--out")
 
 
 def read_protocol(args: argparse.Namespace) -> Protocol:
@@ -336,7 +348,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     check_bags(folder, sorted(protocol.split))
     device = resolve_device(args.device)
     trained = train_runs(protocol, folder, args, device)
-    # Only now are the test slides read, and each trained model scores them once.
+    # Only now are the test slides loaded, and each trained model scores them once.
     test_bags = [load_bag(folder, s, protocol.labels[s], device) for s in protocol.slides(test=True)]
     targets = protocol.targets
     tested = [test_run(run["model"], test_bags, targets, run["thresholds"], args.average) for run in trained]
@@ -347,8 +359,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         "slides": {name: sum(1 for w in protocol.split.values() if w == name) for name in SPLITS},
         "runs": rows, "summary": {m: summarise([r[m] for r in rows]) for m in metric_names},
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_folder(Path(args.out), "--out")
     write_predictions(out / "predictions.csv", trained, tested, test_bags, targets)
     write_attention(out / "attention", trained, tested, test_bags, targets)
     plot_roc(out / "roc.png", trained, tested, targets)
@@ -422,7 +433,7 @@ def write_report(out: Path, report: dict) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return report_command(evaluate, build_parser().parse_args(argv))
+    return report_command_line(evaluate, build_parser(), argv)
 
 
 if __name__ == "__main__":

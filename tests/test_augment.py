@@ -1,9 +1,13 @@
+import numpy as np
 import pytest
+import tiffslide
 import torch
+from skimage.color import hed2rgb, rgb2hed, rgb_from_hed
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from clusiam.augment import (
+    OD_PER_CONCENTRATION,
     RGB_FROM_HED,
     BatchViews,
     ViewRecipe,
@@ -18,15 +22,32 @@ from clusiam.augment import (
     sample_view_params,
     shift_hue,
 )
+from clusiam.demo import CMU_SLIDE
 
 N = 20000  # draws for frequency checks: a binomial share's std is then at most 0.0035
 IDENTITY = torch.eye(2).expand(1, 2, 2)
+TISSUE = ((1120, 800), (1344, 1024), (1248, 1312), (1088, 1664), (1344, 1952), (704, 2592))  # demo slide, (x, y)
 
 
 @pytest.fixture
 def images():
     torch.manual_seed(0)
     return torch.rand(6, 3, 40, 40)
+
+
+@pytest.fixture(scope="module")
+def he_patches():
+    """Six real H&E 32 x 32 patches from the demo slide, float (6, 3, 32, 32) in [0, 1]."""
+    with tiffslide.TiffSlide(CMU_SLIDE) as slide:
+        patches = [np.asarray(slide.read_region(corner, 0, (32, 32)).convert("RGB")) for corner in TISSUE]
+    return torch.from_numpy(np.stack(patches)).permute(0, 3, 1, 2).float() / 255
+
+
+def skimage_hed_jitter(images: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """The HEDJitter people copy, image by image: hed2rgb(rgb2hed(x) * scale + shift), in float64."""
+    out = [hed2rgb(rgb2hed(image.permute(1, 2, 0).double().numpy()) * s.double().numpy() + t.double().numpy())
+           for image, s, t in zip(images, scale, shift)]
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2)
 
 
 def test_crops_follow_random_resized_crop():
@@ -135,15 +156,54 @@ def test_blur_uses_each_images_own_sigma(images):
         assert torch.allclose(ours[i], TF.gaussian_blur(images[i], [13, 13], [sigma, sigma]), atol=1e-5)
 
 
-def test_hed_jitter_changes_stain_densities_as_drawn(images):
-    stained = images * 0.8 + 0.1
+def test_hed_jitter_changes_stain_densities_as_drawn():
+    # Synthetic stain mixtures: positive concentrations (scikit-image's units), so rgb2hed clips nothing.
+    torch.manual_seed(0)
+    concentration = torch.rand(6, 40, 40, 3) * torch.tensor([0.15, 0.15, 0.03]) + 0.01
+    stained = torch.exp(-(concentration * OD_PER_CONCENTRATION) @ RGB_FROM_HED).permute(0, 3, 1, 2)
     unchanged = hed_jitter(stained, torch.ones(6, 3), torch.zeros(6, 3))
     assert torch.allclose(unchanged, stained, atol=1e-4)
     shift = torch.tensor([[0.05, 0.0, 0.0]]).expand(6, 3)  # more haematoxylin everywhere
     darker = hed_jitter(stained, torch.ones(6, 3), shift)
     density_change = -torch.log(darker) + torch.log(stained)  # optical density, per RGB channel
-    expected = 0.05 * RGB_FROM_HED[0].view(1, 3, 1, 1)
+    expected = 0.05 * OD_PER_CONCENTRATION * RGB_FROM_HED[0].view(1, 3, 1, 1)  # a concentration is OD / ln(10^6)
     assert torch.allclose(density_change, expected.expand_as(density_change), atol=1e-4)
+
+
+def test_stain_matrix_is_scikit_images():
+    assert np.allclose(RGB_FROM_HED.double().numpy(), rgb_from_hed, atol=1e-7)
+    assert OD_PER_CONCENTRATION == pytest.approx(np.log(1e6))
+
+
+@pytest.mark.parametrize("strength", [0.05, 0.2])
+def test_hed_jitter_matches_scikit_images_hed_jitter(he_patches, strength):
+    # Whole-image crops and nothing else, so the batched pipeline can be checked too.
+    only_hed = ViewRecipe(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), jitter_p=0, grey_p=0, blur_p=0, hflip_p=0,
+                          hed_jitter=strength)
+    torch.manual_seed(5)
+    params = sample_view_params(6, 32, 32, only_hed)
+    scale, shift = params.hed_scale, params.hed_shift
+    assert ((scale - 1).abs() <= strength).all() and (shift.abs() <= strength).all()
+    assert len(set(scale[:, 0].tolist())) == 6  # a draw per image
+    ours = hed_jitter(he_patches, scale, shift)
+    theirs = skimage_hed_jitter(he_patches, scale, shift)
+    inside = (theirs > 0) & (theirs < 1)  # away from clipping
+    assert inside.float().mean() > 0.25
+    assert (ours.double() - theirs).abs()[inside].max() < 1 / 255
+    # The jitter does something visible (a raw-OD jitter would do about ln(10^6) = 13.8 times less).
+    assert (theirs - he_patches.double()).abs().mean() > 10 / 255
+
+    # The same through the batched pipeline (no normalisation).
+    view = BatchViews(32, [0.0] * 3, [1.0] * 3, only_hed).apply(he_patches, params)
+    assert (view.double() - theirs).abs()[inside].max() < 1 / 255
+
+
+def test_hed_jitter_without_a_draw_is_scikit_images_round_trip(he_patches):
+    ours = hed_jitter(he_patches, torch.ones(6, 3), torch.zeros(6, 3))
+    round_trip = skimage_hed_jitter(he_patches, torch.ones(6, 3), torch.zeros(6, 3))
+    assert (ours.double() - round_trip).abs().max() < 1 / 255
+    # rgb2hed clips negative concentrations at 0, so its round trip is not the identity on real H&E.
+    assert (round_trip - he_patches.double()).abs().max() > 20 / 255
 
 
 def test_pathology_options_flip_vertically_and_rotate_by_quarter_turns():

@@ -1,4 +1,8 @@
 import json
+import resource
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +20,7 @@ from clusiam.mit import MixVisionTransformer
 from clusiam.train import train
 from conftest import tiny_run_args
 
+REPO = Path(__file__).resolve().parents[1]
 LPD_TSV = Path(__file__).resolve().parents[2] / "shared" / "specs" / "lpd_mit_b1_keys.tsv"
 PACKAGED_TSV = Path(__file__).resolve().parents[1] / "clusiam" / "assets" / "lpd_mit_b1_keys.tsv"
 
@@ -163,3 +168,30 @@ def test_a_wrong_pairing_is_refused(tiny_checkpoint, tmp_path, capsys, fmt, extr
     assert export_main([str(tiny_checkpoint), "--format", fmt, "--out", str(tmp_path / "x.pth"), *extra]) == 2
     assert message in capsys.readouterr().out
     assert not list(tmp_path.iterdir())
+
+
+def test_an_out_that_is_a_folder_is_refused_asking_for_a_file_name(tiny_checkpoint, tmp_path, capsys):
+    folder = tmp_path / "pretrained"
+    folder.mkdir()
+    assert export_main([str(tiny_checkpoint), "--format", "torchvision", "--out", str(folder)]) == 2
+    assert capsys.readouterr().out == (f"error: --out {folder} is a folder: pass a file name for the weights, e.g. "
+                                       f"{folder / 'encoder.pth'}\n")
+    assert list(tmp_path.iterdir()) == [folder] and not list(folder.iterdir())
+
+
+def small_file_size_limit():
+    """In the child, before it runs: files may not grow past 1 MiB, and a write past that fails with
+    EFBIG (SIGXFSZ, which would kill the process instead, is ignored): a full disk in miniature."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+
+def test_a_write_that_runs_out_of_room_is_one_error_naming_the_file(tiny_checkpoint, tmp_path):
+    out = tmp_path / "resnet18.pth"  # about 45 MB of weights
+    result = subprocess.run([sys.executable, "-m", "clusiam.export", str(tiny_checkpoint), "--format", "torchvision",
+                             "--out", str(out)], capture_output=True, text=True, cwd=REPO, timeout=300,
+                            preexec_fn=small_file_size_limit)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stdout == (f"error: file too large for the limit on this system while writing {out}: free space on "
+                             "that disk (or raise the quota) and run again; nothing was written\n")
+    assert list(tmp_path.iterdir()) == []  # neither the weights nor their temporary

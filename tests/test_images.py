@@ -1,4 +1,6 @@
 import io
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -6,6 +8,7 @@ from PIL import Image
 
 from clusiam.errors import DataError
 from clusiam.images import check_images, find_images, load_rgb
+from clusiam.sources import FolderSource, channel_statistics
 from clusiam.train import main
 from conftest import tiny_run_args
 
@@ -72,7 +75,7 @@ def test_each_bad_file_stops_the_run_naming_the_file(tmp_path, kind, reason):
     with pytest.raises(DataError, match=reason) as error:
         check_images(find_images(tmp_path, "DATA_DIR"), 32, skip_bad_files=False)
     assert str(bad) in str(error.value) and "--skip_bad_files" in str(error.value)
-    assert check_images(good, 32, skip_bad_files=False) == good
+    assert check_images(good, 32, skip_bad_files=False).good == good
 
 
 def test_the_cli_stops_before_training_on_a_bad_file(tiny_demo, tmp_path, capsys):
@@ -91,7 +94,9 @@ def test_skip_bad_files_counts_and_lists_what_it_leaves_out(tmp_path, capsys):
     good = [save_png(tmp_path / "ok" / f"{i}.png", seed=i) for i in range(4)]
     bad = [write_bad(tmp_path, kind) for kind in ("empty", "truncated", "not_an_image", "too_small")]
     report = tmp_path / "run" / "skipped_files.txt"
-    kept = check_images(find_images(tmp_path, "DATA_DIR"), 32, skip_bad_files=True, report_path=report)
+    checked = check_images(find_images(tmp_path, "DATA_DIR"), 32, skip_bad_files=True)
+    checked.report(report)
+    kept = checked.good
     assert kept == sorted(good)
     assert "skipped 4 of 8 files" in capsys.readouterr().out
     listed = [line.split("\t")[0] for line in report.read_text().splitlines()]
@@ -123,4 +128,98 @@ def test_batched_augmentation_needs_patches_of_one_size(tmp_path):
     odd = save_png(tmp_path / "a" / "1.png", size=48)
     with pytest.raises(DataError, match=f"{odd}: image is 48x48, unlike the 40x40 of {first}.*--augment pil"):
         check_images([first, odd], 32, skip_bad_files=False, same_size=True)
-    assert check_images([first, odd], 32, skip_bad_files=False) == [first, odd]
+    assert check_images([first, odd], 32, skip_bad_files=False).good == [first, odd]
+
+
+def png16(path, pixels):
+    """A 16-bit PNG (grey, or RGB for (H, W, 3)) of ``pixels`` (uint16), written chunk by chunk:
+    Pillow writes 16-bit grey PNGs but not 16-bit RGB ones."""
+    height, width = pixels.shape[:2]
+    colour_type = 2 if pixels.ndim == 3 else 0
+    rows = b"".join(b"\x00" + pixels[y].astype(">u2").tobytes() for y in range(height))
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("shape", [(40, 40), (40, 40, 3)])
+def test_16_bit_pngs_read_as_the_8_bit_image_they_hold_and_their_statistics_follow(tmp_path, shape):
+    eight = np.random.default_rng(3).integers(0, 256, shape, dtype=np.uint8)
+    stored = png16(tmp_path / "16" / "a.png", eight.astype(np.uint16) * 257)  # 8-bit values stretched to 16
+    expected = np.asarray(Image.fromarray(eight).convert("RGB"))
+    np.testing.assert_array_equal(np.asarray(load_rgb(stored)), expected)
+    plain = tmp_path / "8" / "a.png"
+    plain.parent.mkdir()
+    Image.fromarray(eight).save(plain)
+    assert check_images([stored], 32, skip_bad_files=False).good == [stored]
+    assert channel_statistics(FolderSource([stored])) == channel_statistics(FolderSource([plain]))
+
+
+def test_images_without_a_fixed_range_are_refused_by_name(tmp_path):
+    floats = tmp_path / "float.tif"
+    Image.fromarray(np.random.default_rng(0).random((40, 40)).astype(np.float32)).save(floats)
+    with pytest.raises(DataError, match=f"{floats}: a floating-point image \\(mode F\\) has no fixed range"):
+        check_images([floats], 32, skip_bad_files=False)
+    with pytest.raises(DataError, match=f"{floats}: a floating-point image"):
+        load_rgb(floats)
+
+
+def sized_folder(root, odd_first, odd_size=96, good=16):
+    """``good`` 64 px patches and ``odd_first`` patches of another size whose names sort first."""
+    odd = [save_png(root / f"a{i}.png", size=odd_size, seed=100 + i) for i in range(odd_first)]
+    return odd, [save_png(root / f"b{i:02d}.png", size=64, seed=i) for i in range(good)]
+
+
+@pytest.mark.parametrize("odd_first", [1, 8])
+def test_mixed_sizes_keep_the_size_most_patches_have_and_count_the_others(tmp_path, capsys, odd_first):
+    odd, good = sized_folder(tmp_path, odd_first)
+    files = find_images(tmp_path, "DATA_DIR")
+    checked = check_images(files, 32, skip_bad_files=True, same_size=True)
+    assert checked.good == good and [path for path, _ in checked.bad] == odd
+    assert all("96x96, unlike the 64x64 most patches have" in why for _, why in checked.bad)
+    assert f"keeping the 16 patches of 64x64, the size most have; left out: {odd_first} of 96x96" in \
+        capsys.readouterr().out
+    with pytest.raises(DataError, match=f"{odd[0]}: image is 96x96, unlike the 64x64 of {good[0]} and 15 other "
+                                        f"files \\(others: {odd_first} of 96x96\\).*--skip_bad_files"):
+        check_images(files, 32, skip_bad_files=False, same_size=True)
+
+
+def corrupt_png(path):
+    """A PNG whose compressed pixels were damaged in the middle; its end marker is intact."""
+    data = bytearray(png_bytes(64))
+    middle = len(data) // 2
+    data[middle : middle + 8] = bytes(8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def corrupt_jpeg(path):
+    """A JPEG with bytes that no JPEG stream holds (a marker 0xFFB1) written over the middle of its
+    compressed data; its end marker is intact. (Most damage inside a JPEG's compressed data
+    decodes without any error, which no reader can tell from a real image.)"""
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    data = bytearray(buffer.getvalue())
+    middle = len(data) // 2
+    data[middle : middle + 16] = b"\xff\xb1" * 8
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("corrupt", [corrupt_png, corrupt_jpeg])
+def test_a_file_damaged_in_the_middle_is_found_by_the_check(tmp_path, corrupt):
+    good = [save_png(tmp_path / f"{i}.png", seed=i) for i in range(3)]
+    bad = corrupt(tmp_path / "z" / "damaged.img")
+    bad = bad.rename(bad.with_suffix(".png" if corrupt is corrupt_png else ".jpg"))
+    with pytest.raises(DataError, match=f"{bad}: corrupt (PNG|JPEG) .*--skip_bad_files"):
+        check_images(find_images(tmp_path, "DATA_DIR"), 32, skip_bad_files=False)
+    checked = check_images(find_images(tmp_path, "DATA_DIR"), 32, skip_bad_files=True)
+    assert checked.good == good and [path for path, _ in checked.bad] == [bad]

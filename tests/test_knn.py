@@ -1,5 +1,6 @@
 import csv
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from clusiam.errors import DataError
 from clusiam.features import cached_encode, feature_extractor
 from clusiam.knn import l2_normalize, search, vote
 from clusiam.knn_eval import main
-from clusiam.metrics import classification_metrics, write_per_slide_accuracy
+from clusiam.metrics import absent_class_warnings, classification_metrics, write_per_slide_accuracy
 from clusiam.splits import LabelledPatches, read_labelled_patches, split_overlap
 from clusiam.train import train
 from conftest import tiny_run_args
@@ -208,3 +209,90 @@ def test_several_checkpoints_of_any_model_type_and_the_projector_feature(tiny_de
     assert [(r["checkpoint"], r["feature"]) for r in rows] == [(str(tiny_checkpoint), "projector"),
                                                                (str(byol), "projector")]
     assert len({r["encoder"] for r in rows}) == 2
+
+
+def test_a_missing_class_leaves_its_scores_undefined_not_zero_and_scikit_learn_stays_quiet(recwarn):
+    truth, predicted = ["normal"] * 4, ["normal", "tumor", "normal", "normal"]  # tumor: predicted once, never true
+    metrics = classification_metrics(truth, predicted, ["normal", "tumor"], "tumor")
+    assert metrics["f1"] is None and metrics["macro_f1"] == pytest.approx(f1_score(truth, predicted, labels=["normal"],
+                                                                                    average="macro"))
+    assert metrics["per_class"]["tumor"] == {"precision": 0.0, "recall": None, "f1": None, "support": 0}
+    assert metrics["balanced_accuracy"] == 0.75 and metrics["warnings"] == []
+    missed = classification_metrics(["normal", "tumor"], ["normal", "normal"], ["normal", "tumor"], "tumor")
+    assert missed["f1"] == 0.0 and missed["per_class"]["tumor"]["precision"] is None  # a miss is a defined 0
+    assert missed["warnings"] == ["tumor is never predicted: precision undefined (- in the per-class table)"]
+    assert absent_class_warnings(truth, ["normal", "tumor"], "tumor") == [
+        "the test set holds only class normal: F1 of tumor is undefined (null in report.json, - in report.md); "
+        "add tumor patches to the test set to score it",
+        "tumor does not occur in the test set: recall and F1 undefined (- in the per-class table); macro F1 and "
+        "balanced accuracy average over normal only"]
+    assert not recwarn.list
+
+
+def one_class_csv(source, label, path):
+    """The rows of the patch CSV ``source`` whose label is ``label``, with absolute paths."""
+    with open(source) as handle:
+        rows = [row for row in csv.DictReader(handle) if row["label"] == label]
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["path", "label", "slide"])
+        writer.writeheader()
+        writer.writerows({**row, "path": str(source.parent / row["path"])} for row in rows)
+    return path
+
+
+@pytest.mark.parametrize("single", ["test", "train"])
+def test_a_split_of_one_class_is_reported_in_words_without_scikit_learn_warnings(tiny_demo, tiny_checkpoint,
+                                                                                  tmp_path, single):
+    splits = {name: tiny_demo / f"knn_{name}.csv" for name in ("train", "test")}
+    splits[single] = one_class_csv(splits[single], "normal", tmp_path / f"{single}_normal.csv")
+    out = tmp_path / "report"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["--checkpoint", str(tiny_checkpoint), "--train", str(splits["train"]), "--test",
+                     str(splits["test"]), "--out", str(out), "--device", "cpu", "--num_workers", "0",
+                     "--no_baselines"]) == 0
+    assert not [w for w in caught if "sklearn" in w.filename], [str(w.message) for w in caught]
+    report = json.loads((out / "report.json").read_text())
+    row = report["rows"][0]
+    markdown = (out / "report.md").read_text()
+    if single == "test":
+        assert row["f1"] is None and row["per_class"]["tumor"]["f1"] is None
+        assert report["warnings"][0] == ("the test set holds only class normal: F1 of tumor is undefined (null in "
+                                         "report.json, - in report.md); add tumor patches to the test set to score it")
+        assert f"| {row['encoder']} | backbone | 1 | - |" in markdown
+    else:
+        assert row["f1"] == 0.0 and row["per_class"]["tumor"]["precision"] is None  # every tumour patch missed
+        assert report["warnings"] == [
+            "the training set holds only class normal: every test patch is predicted normal; add patches of tumor "
+            "to the training set",
+            f"{row['encoder']}, k = 1: tumor is never predicted: precision undefined (- in the per-class table)"]
+        assert f"| - / 0.000 / 0.000 ({row['per_class']['tumor']['support']}) |" in markdown
+    assert "**Warnings**" in markdown and report["warnings"][-1] in markdown
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--batch_size", "0", "--batch_size must be at least 1 (got 0)"),
+    ("--num_workers", "-1", "--num_workers must be at least 0 (got -1)"),
+    ("--resize", "0", "--resize must be at least 1 (got 0)"),
+])
+def test_a_number_out_of_its_range_is_refused_naming_the_flag(tmp_path, capsys, flag, value, message):
+    assert main(["--checkpoint", "a.pth", "--train", "train.csv", "--test", "test.csv", "--out", str(tmp_path / "r"),
+                 flag, value]) == 2
+    assert capsys.readouterr().out == f"error: {message}\n"
+
+
+def test_an_out_folder_that_is_a_file_or_lies_under_one_is_refused_before_any_work(tiny_demo, tiny_checkpoint,
+                                                                                   tmp_path, capsys):
+    blocker = tmp_path / "report.md"
+    blocker.write_text("an earlier report")
+    args = ["--checkpoint", str(tiny_checkpoint), "--train", str(tiny_demo / "knn_train.csv"),
+            "--test", str(tiny_demo / "knn_test.csv"), "--device", "cpu", "--num_workers", "0", "--no_baselines"]
+    assert main([*args, "--out", str(blocker)]) == 2
+    assert capsys.readouterr().out == (f"error: --out {blocker} is a file, not a folder: pass a folder (it is "
+                                       "created if needed)\n")
+    assert main([*args, "--out", str(blocker / "knn")]) == 2
+    assert capsys.readouterr().out == (f"error: --out {blocker / 'knn'} cannot be created: {blocker} is a file, "
+                                       "not a folder\n")
+    assert main([*args, "--out", str(tmp_path / "r"), "--cache_dir", str(blocker)]) == 2
+    assert f"error: --cache_dir {blocker} is a file, not a folder" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.md"]

@@ -251,3 +251,68 @@ def test_a_corrupt_patch_met_in_a_loader_worker_is_one_error_line_naming_it(tiny
     out = capsys.readouterr().out
     assert out.startswith(f"error: {slide / '96_0.png'}: cannot be decoded") and "Traceback" not in out
     assert not list((tmp_path / "feats").glob("*.h5"))
+
+
+def test_a_bag_with_nan_features_is_named_before_any_training(tmp_path, capsys):
+    labels = write_bags(tmp_path / "feats", slides_per_class=6)
+    write_labels(tmp_path / "slides.csv", labels)
+    bag = tmp_path / "feats" / "normal_004.h5"
+    with h5py.File(bag, "r+") as handle:
+        handle["features"][3, 7] = np.nan
+    assert train_main(["--feats", str(tmp_path / "feats"), "--labels", str(tmp_path / "slides.csv"),
+                       "--out", str(tmp_path / "out"), "--device", "cpu"]) == 2
+    assert capsys.readouterr().out == (f"error: {bag} holds NaN or infinite features: encode normal_004 again (delete "
+                                       "the bag and run mil.compute_feats; a bag that is there is skipped)\n")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--epochs", "0", "--epochs must be at least 1 (got 0)"),
+    ("--seeds", "0", "--seeds must be at least 1 (got 0)"),
+    ("--lr", "0", "--lr must be above 0 (got 0.0)"),
+    ("--lr", "nan", "--lr must be above 0 (got nan)"),
+    ("--weight_decay", "-0.5", "--weight_decay must be at least 0 (got -0.5)"),
+    ("--min_lr", "-0.5", "--min_lr must be at least 0 (got -0.5)"),
+    ("--patience", "-1", "--patience must be at least 0 (got -1)"),
+    ("--split_seed", "-1", "--split_seed must be at least 0 (got -1)"),
+    ("--test_fraction", "1", "--test_fraction must be in (0, 1) (got 1.0)"),
+    ("--val_fraction", "0", "--val_fraction must be in (0, 1) (got 0.0)"),
+])
+def test_a_training_option_out_of_its_range_is_refused_naming_the_flag(tmp_path, capsys, flag, value, message):
+    assert train_main(["--feats", "feats", "--labels", "slides.csv", "--out", str(tmp_path / "out"),
+                       flag, value]) == 2
+    assert capsys.readouterr().out == f"error: {message}\n"
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--batch_size", "0", "--batch_size must be at least 1 (got 0)"),
+    ("--num_workers", "-1", "--num_workers must be at least 0 (got -1)"),
+    ("--resize", "0", "--resize must be at least 1 (got 0)"),
+])
+def test_an_encoding_option_out_of_its_range_is_refused_naming_the_flag(tmp_path, capsys, flag, value, message):
+    assert compute_main(["--checkpoint", "a.pth", "--patches", "patches", "--out", str(tmp_path / "feats"),
+                         flag, value]) == 2
+    assert capsys.readouterr().out == f"error: {message}\n"
+
+
+def test_an_out_folder_that_is_a_file_or_lies_under_one_is_refused_before_any_work(tiny_demo, tiny_checkpoint,
+                                                                                   tmp_path, capsys):
+    labels = write_bags(tmp_path / "feats", slides_per_class=6)
+    write_labels(tmp_path / "slides.csv", labels)
+    blocker = tmp_path / "results.txt"
+    blocker.write_text("not a folder")
+    commands = {
+        "mil.train": lambda out: train_main(["--feats", str(tmp_path / "feats"), "--labels",
+                                             str(tmp_path / "slides.csv"), "--out", out, "--device", "cpu"]),
+        "mil.compute_feats": lambda out: compute_main(["--checkpoint", str(tiny_checkpoint), "--patches",
+                                                       str(tiny_demo), "--out", out, "--device", "cpu",
+                                                       "--num_workers", "0"]),
+    }
+    for name, command in commands.items():
+        assert command(str(blocker)) == 2, name
+        assert capsys.readouterr().out == (f"error: --out {blocker} is a file, not a folder: pass a folder (it is "
+                                           "created if needed)\n")
+        assert command(str(blocker / "out")) == 2, name
+        assert capsys.readouterr().out == (f"error: --out {blocker / 'out'} cannot be created: {blocker} is a file, "
+                                           "not a folder\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["feats", "results.txt", "slides.csv"]

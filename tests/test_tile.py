@@ -140,6 +140,52 @@ def test_a_slide_without_annotation_file_is_labelled_normal_throughout(slides, t
     assert len(rows) == tiles and {r["label"] for r in rows} == {"normal"} and {r["slide"] for r in rows} == {"cmu"}
 
 
+def tiles_csv(index):
+    with open(index / "tiles.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.parametrize("extra, reason", [
+    (["--slide_mpp", "0.001"],  # a wrong resolution: each 32 px tile would span 128000 level-0 pixels
+     "a 32 px tile at 4 um/px spans 128000 level-0 pixels, more than the slide's 2220 x 2967 at 0.001 um/px; "
+     "check --slide_mpp"),
+    (["--saturation_threshold", "1"], "no tile holds 60% tissue (0.0 mm2 of tissue found)"),
+])
+def test_a_slide_that_gives_no_patch_is_a_warning_naming_it(slides, tmp_path, capsys, extra, reason):
+    assert coarse(slides, tmp_path / "p", *extra) == 0
+    warning = f"{slides / 'cmu.svs'} gave 0 patches: {reason}"
+    assert f"warning: {warning}" in capsys.readouterr().out
+    rows = tiles_csv(tmp_path / "p_index")
+    assert list(rows[0]) == ["slide", "tiles", "tissue_area_mm2", "mpp", "level", "otsu_threshold", "tumor_tiles",
+                             "seconds", "warnings"]
+    assert rows[0]["tiles"] == "0" and rows[0]["warnings"].startswith(warning)
+
+
+@pytest.mark.parametrize("name, content", [
+    ("cmu.xml", '<ASAP_Annotations><Annotations>'
+                '<Annotation Type="Dot" PartOfGroup="_0"><Coordinates><Coordinate Order="0" X="900" Y="900"/>'
+                '</Coordinates></Annotation>'
+                '<Annotation Type="PointSet" PartOfGroup="_0"><Coordinates><Coordinate Order="0" X="900" Y="900"/>'
+                '<Coordinate Order="1" X="1500" Y="1500"/></Coordinates></Annotation>'
+                '</Annotations></ASAP_Annotations>'),
+    ("cmu.geojson", json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": {"type": "Point", "coordinates": [900.0, 900.0]}, "properties": {}},
+        {"type": "Feature", "geometry": {"type": "MultiPoint", "coordinates": [[1000.0, 900.0], [900.0, 1200.0]]},
+         "properties": {}}]})),
+    ("cmu.geojson", json.dumps({"type": "FeatureCollection", "features": []})),
+])
+def test_an_annotation_file_without_a_polygon_is_a_warning_naming_it(slides, tmp_path, capsys, name, content):
+    annotations = tmp_path / "annotations"
+    annotations.mkdir()
+    (annotations / name).write_text(content)
+    assert coarse(slides, tmp_path / "p", "--annotations", str(annotations)) == 0
+    warning = (f"{annotations / name} holds no tumour polygon (only dots, lines or points, exclusions, or nothing): "
+               "every tile of cmu is labelled normal")
+    assert f"warning: {warning}" in capsys.readouterr().out
+    rows = tiles_csv(tmp_path / "p_index")
+    assert int(rows[0]["tiles"]) > 0 and rows[0]["tumor_tiles"] == "0" and rows[0]["warnings"].startswith(warning)
+
+
 def test_a_missing_annotation_folder_is_refused(slides, tmp_path, capsys):
     assert coarse(slides, tmp_path / "p", "--annotations", str(tmp_path / "nope")) == 2
     assert f"error: --annotations {tmp_path / 'nope'} does not exist" in capsys.readouterr().out
