@@ -2,6 +2,8 @@
 
     python pretrain.py --config configs/clusiam.yaml /data/camelyon16/patches
     python pretrain.py --config configs/demo.yaml          # built-in demo data, CPU
+    python pretrain.py --config configs/clusiam.yaml JOB   # patches read from a tiling job's slides
+    python pretrain.py --config configs/clusiam.yaml --coords TRIDENT_OR_CLAM_COORDS --slides SLIDES_DIR
 
     torchrun --nproc_per_node 8 pretrain.py --config configs/clubyol.yaml DATA   # 8 GPUs
 

@@ -21,6 +21,7 @@ from clusiam.distributed import add_dist_timeout
 from clusiam.errors import CommandParser, ConfigError, InRange
 from clusiam.files import check_output_folder
 from clusiam.models import METHODS
+from clusiam.slide_source import is_job
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "or the SimSiam / BYOL baselines.",
     )
     parser.add_argument("data_dir", nargs="?", default=None, metavar="DATA_DIR",
-                        help="folder of patch images at any depth; omit to train on the built-in demo set")
+                        help="folder of patch images at any depth, or a tiling job (python -m clusiam.tile --out: "
+                             "a folder holding job.json, whose patches are read from its slides); omit to train on "
+                             "the built-in demo set")
     parser.add_argument("--config", default=None, help="YAML file of options (configs/<name>.yaml); flags override it")
 
     model = parser.add_argument_group("model")
@@ -97,9 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
                       help="per-channel mean of pixel values / 255 (default: computed over the training files)")
     data.add_argument("--std", default=None, type=float, nargs=3, action=InRange, above=0,
                       help="per-channel std (default: computed over the training files)")
+    data.add_argument("--coords", default=None, metavar="DIR",
+                      help="instead of DATA_DIR: a folder of TRIDENT or CLAM coordinate files (<slide>_patches.h5, "
+                           "<slide>.h5), whose patches are read from the slides in --slides")
+    data.add_argument("--slides", default=None, metavar="DIR",
+                      help="with --coords: the folder of the slides (<slide>.svs, .tif, .ndpi, ...) at any depth")
+    data.add_argument("--patch_size", default=None, type=int, action=InRange, at_least=1,
+                      help="read every patch from slides at this side in pixels, over the field of view its "
+                           "coordinate file gives (default: the files' patch_size; needed when they differ)")
     data.add_argument("--skip_bad_files", default=False, action=argparse.BooleanOptionalAction,
-                      help="leave unreadable or too-small images out (listed in SAVE_PATH/skipped_files.txt) "
-                           "instead of stopping")
+                      help="leave unreadable or too-small images, unreadable or mismatched slides and patches "
+                           "outside their slide out (listed in SAVE_PATH/skipped_files.txt) instead of stopping")
 
     logging = parser.add_argument_group("logging and checkpoints")
     logging.add_argument("--print_freq", default=10, type=int, action=InRange, at_least=1,
@@ -194,9 +205,26 @@ def parse_config(argv: Sequence[str] | None = None) -> argparse.Namespace:
         raise ConfigError("--mean and --std go together: give both or neither")
     if args.augment == "pil" and (args.vflip or args.rotate90 or args.hed_jitter):
         raise ConfigError("--vflip, --rotate90 and --hed_jitter need --augment batched")
+    check_data_options(args)
     args.save_path = args.save_path or os.path.join("runs", args.model_type)
     args.log_dst = args.log_dst or os.path.join(args.save_path, "logs")
     # Before any work (the demo set, the image check, the statistics): a run that cannot save is refused now.
     check_output_folder(args.save_path, "--save_path")
     check_output_folder(args.log_dst, "--log_dst")
     return args
+
+
+def check_data_options(args: argparse.Namespace) -> None:
+    """One source of patches: DATA_DIR (a patch folder or a tiling job), --coords with
+    --slides, or neither (the demo set); --patch_size only where patches are read from slides."""
+    if args.coords is not None and args.data_dir is not None:
+        raise ConfigError(f"DATA_DIR {args.data_dir} and --coords {args.coords} are two sources of patches: pass a "
+                          "patch folder or tiling job as DATA_DIR, or --coords DIR --slides DIR, not both")
+    if (args.coords is None) != (args.slides is None):
+        given, missing = ("--coords", "--slides") if args.slides is None else ("--slides", "--coords")
+        raise ConfigError(f"{given} needs {missing}: pass --coords COORDS_DIR --slides SLIDES_DIR together")
+    if args.patch_size is not None and args.coords is None and not is_job(args.data_dir):
+        where = (f"DATA_DIR {args.data_dir} is a folder of patch images" if args.data_dir
+                 else "no DATA_DIR was given (the demo set is patch images)")
+        raise ConfigError(f"--patch_size reads patches from slides, but {where}: drop it, or pass a tiling job "
+                          "(a folder with job.json) or --coords DIR --slides DIR")

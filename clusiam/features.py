@@ -1,9 +1,14 @@
-"""Batched encoding of patch files with a frozen encoder, shared by ``evaluate_knn.py`` and
-``mil/``: uint8 batches from DataLoader workers, normalised on the device, bf16 autocast and
-channels_last on GPU, no_grad, a progress bar, and an optional on-disk cache.
+"""Batched encoding of patches with a frozen encoder, shared by ``evaluate_knn.py``,
+``mil/`` and the slide map: uint8 batches from DataLoader workers, normalised on the device,
+bf16 autocast and channels_last on GPU, no_grad, a progress bar, and an optional on-disk
+cache.
 
-Under torchrun, :func:`cached_encode` splits the files over the processes: each encodes
-its share into a part file and rank 0 assembles them in the original order.
+The patches are a :class:`~clusiam.sources.PatchSource`, so patch files
+(:class:`~clusiam.sources.FolderSource`, or a plain list of files) and patches read straight
+from slides (:class:`~clusiam.slide_source.SlideSource`) go through the same code and give
+the same features for the same pixels. Under torchrun, :func:`cached_encode` splits the
+patches over the processes: each encodes its share into a part file and rank 0 assembles
+them in the original order.
 """
 from __future__ import annotations
 
@@ -21,33 +26,44 @@ from tqdm import tqdm
 
 from clusiam.distributed import barrier, is_main, main_computes, rank, shard, world_size
 from clusiam.errors import DataError
-from clusiam.files import file_list_key, write_atomically
-from clusiam.images import load_rgb, uint8_tensor
+from clusiam.files import write_atomically
+from clusiam.images import uint8_tensor
 from clusiam.models import PretrainModel
+from clusiam.sources import FolderSource, PatchSource
 
 FEATURE_TYPES = ("backbone", "projector")
 CACHE_VERSION = 1
+Patches = PatchSource | Sequence[Path]  # what the encoders take: a source, or patch files
+
+
+def as_source(patches: Patches) -> PatchSource:
+    """``patches`` as a source: a list of files becomes a :class:`FolderSource`."""
+    return patches if isinstance(patches, PatchSource) else FolderSource(patches)
 
 
 class PatchTensors(Dataset):
-    """Patches as uint8 (3, H, W) tensors, all of one size (``resize`` makes them so)."""
+    """Patches ``indices`` (default: all) of a source as uint8 (3, H, W) tensors, all of one
+    size (``size`` makes them so); the size to match is patch 0's, so every process of a
+    sharded run checks against the same one."""
 
-    def __init__(self, files: Sequence[Path], size: int | None = None) -> None:
-        self.files = list(files)
+    def __init__(self, source: PatchSource, size: int | None = None, indices: Sequence[int] | None = None) -> None:
+        self.source = source
+        self.indices = range(len(source)) if indices is None else indices
         self.size = size
-        self.expected = load_rgb(self.files[0]).size if self.files and size is None else (size, size)
+        self.expected = source.read(0).size if len(source) and size is None else (size, size)
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.indices)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        image = load_rgb(self.files[index])
+    def __getitem__(self, item: int) -> torch.Tensor:
+        index = self.indices[item]
+        image = self.source.read(index)
         if self.size is not None and image.size != self.expected:
             image = image.resize(self.expected, resample=Image.BILINEAR)
         elif image.size != self.expected:
             width, height = self.expected
             raise DataError(
-                f"{self.files[index]} is {image.size[0]}x{image.size[1]} but the first patch is "
+                f"{self.source.describe(index)} is {image.size[0]}x{image.size[1]} but the first patch is "
                 f"{width}x{height}: pass --resize N to bring all patches to one size"
             )
         return uint8_tensor(image)
@@ -79,27 +95,31 @@ def precision(device: torch.device) -> str:
 
 
 @torch.no_grad()
-def encode(encoder: nn.Module, files: Sequence[Path], mean: Sequence[float], std: Sequence[float],
+def encode(encoder: nn.Module, patches: Patches, mean: Sequence[float], std: Sequence[float],
            device: torch.device, batch_size: int = 256, num_workers: int = 4, resize: int | None = None,
-           allocate: Callable[[tuple[int, int]], np.ndarray] | None = None, desc: str = "encoding") -> np.ndarray:
-    """Features (N, D) float32 of ``files`` in order, in the array ``allocate((N, D))``
-    returns once the first batch tells D (a memory map, say); (0, 0) for no files."""
+           allocate: Callable[[tuple[int, int]], np.ndarray] | None = None, desc: str = "encoding",
+           indices: Sequence[int] | None = None) -> np.ndarray:
+    """Features (N, D) float32 of ``patches`` (or of their ``indices``, a process's share)
+    in order, in the array ``allocate((N, D))`` returns once the first batch tells D (a
+    memory map, say); (0, 0) for no patches."""
     on_gpu = device.type == "cuda"
     memory_format = torch.channels_last if on_gpu else torch.preserve_format
     encoder = encoder.eval().to(device, memory_format=memory_format)
     mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
-    loader = DataLoader(PatchTensors(files, resize), batch_size=batch_size, num_workers=num_workers, pin_memory=on_gpu)
+    dataset = PatchTensors(as_source(patches), resize, indices)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=on_gpu)
     start, out = 0, None
     for batch in tqdm(loader, desc=desc, unit="batch", disable=not is_main()):
         images = batch.to(device, non_blocking=True, memory_format=memory_format).float().div_(255)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision(device) == "bf16"):
             features = encoder((images - mean_t) / std_t).float().cpu().numpy()
         if not np.isfinite(features).all():  # NaN features would still "find" neighbours and score
-            raise DataError(f"the encoder gave NaN or infinite features for {files[start]} (batch from patch {start}): "
+            first = dataset.source.describe(dataset.indices[start])
+            raise DataError(f"the encoder gave NaN or infinite features for {first} (batch from patch {start}): "
                             "its weights are broken; use an earlier checkpoint")
         if out is None:
-            shape = (len(files), features.shape[1])
+            shape = (len(dataset), features.shape[1])
             out = allocate(shape) if allocate else np.empty(shape, dtype=np.float32)
         out[start : start + len(features)] = features
         start += len(features)
@@ -114,20 +134,21 @@ def write_features(path: Path, compute: Callable[[Callable[[tuple[int, int]], np
         out = compute(lambda shape: np.lib.format.open_memmap(temporary, mode="w+", dtype=np.float32, shape=shape))
         if isinstance(out, np.memmap):
             out.flush()
-        else:  # nothing was allocated (no files)
+        else:  # nothing was allocated (no patches)
             np.save(temporary, out)
 
     write_atomically(path, write)
 
 
-def cached_encode(cache_dir: Path, identity: str, encoder: nn.Module, files: Sequence[Path],
+def cached_encode(cache_dir: Path, identity: str, encoder: nn.Module, patches: Patches,
                   mean: Sequence[float], std: Sequence[float], device: torch.device,
                   **options) -> tuple[np.ndarray, bool]:
     """:func:`encode`, stored as ``cache_dir/<key>.npy`` and memory-mapped back. The key
     covers ``identity`` (which encoder: e.g. the checkpoint's content digest and feature
-    type), the exact file list, the normalisation, the precision and the options. Returns
-    the features and whether they came from the cache."""
-    key_text = "\n".join([f"v{CACHE_VERSION}", identity, file_list_key(files), repr(list(mean)), repr(list(std)),
+    type), the patches' own identity (for files: the exact file list), the normalisation,
+    the precision and the options. Returns the features and whether they came from the cache."""
+    source = as_source(patches)
+    key_text = "\n".join([f"v{CACHE_VERSION}", identity, source.identity, repr(list(mean)), repr(list(std)),
                           precision(device), repr(options.get("resize"))])
     path = Path(cache_dir) / f"{hashlib.sha256(key_text.encode()).hexdigest()[:32]}.npy"
     if main_computes(path.is_file):  # every process takes the same branch
@@ -135,20 +156,20 @@ def cached_encode(cache_dir: Path, identity: str, encoder: nn.Module, files: Seq
     path.parent.mkdir(parents=True, exist_ok=True)
     processes = world_size()
     if processes == 1:
-        write_features(path, lambda allocate: encode(encoder, files, mean, std, device, **options, allocate=allocate))
+        write_features(path, lambda allocate: encode(encoder, source, mean, std, device, **options, allocate=allocate))
         return np.load(path, mmap_mode="r"), False
     parts = [path.with_name(f"{path.stem}.part{r}of{processes}.npy") for r in range(processes)]
-    write_features(parts[rank()], lambda allocate: encode(encoder, shard(files), mean, std, device, **options,
-                                                          allocate=allocate))
+    write_features(parts[rank()], lambda allocate: encode(encoder, source, mean, std, device, **options,
+                                                          allocate=allocate, indices=shard(range(len(source)))))
     barrier()
-    if is_main():  # part r holds files r, r + processes, ...: interleave them back
+    if is_main():  # part r holds patches r, r + processes, ...: interleave them back
         shards = [np.load(part, mmap_mode="r") for part in parts]
         dim = max(features.shape[1] for features in shards)
 
         def assemble(allocate: Callable[[tuple[int, int]], np.ndarray]) -> np.ndarray:
-            out = allocate((len(files), dim))
+            out = allocate((len(source), dim))
             for r, features in enumerate(shards):
-                if len(features):  # a process with no files (fewer files than processes) wrote (0, 0)
+                if len(features):  # a process with no patches (fewer patches than processes) wrote (0, 0)
                     out[r::processes] = features
             return out
 

@@ -2,8 +2,9 @@
 output folders the commands write into.
 
 Every checkpoint, export, feature file, bag and report is written through
-:func:`write_atomically`; caches and resume checks identify their inputs with
-:func:`file_digest` (a file's bytes) or :func:`file_list_key` (a list of files). A write that
+:func:`write_atomically`; caches (the JSON ones through :func:`read_cache` and
+:func:`write_cache`) and resume checks identify their inputs with :func:`file_digest` (a
+file's bytes) or :func:`file_list_key` (a list of files). A write that
 runs out of space is a :class:`DiskFullError` naming the file, not a traceback.
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import secrets
 from collections.abc import Callable, Iterator, Sequence
@@ -27,10 +29,28 @@ def find_files(root: str | os.PathLike, extensions: Sequence[str], noun: str, fo
     if not root.is_dir():
         state = "is not a folder" if root.exists() else "does not exist"
         raise DataError(f"{root} {state}: {folder_advice}")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in extensions and p.is_file())
-    if not files:
+    found = list(scan_files(str(root), tuple(extensions)))
+    if not found:
         raise DataError(f"no {noun} ({', '.join(extensions)}) found under {root}: {empty_advice}")
-    return files
+    found.sort(key=lambda path: path.split(os.sep))  # part by part, the order of sorted Paths, at less cost
+    return [Path(path) for path in found]
+
+
+def scan_files(folder: str, extensions: tuple[str, ...]) -> Iterator[str]:
+    """The paths of the files under ``folder`` whose lower-cased suffix is in ``extensions``.
+    ``os.scandir`` tells files from folders without a stat per file, which ``Path.rglob`` with
+    ``is_file`` does not (benchmarks/startup.py times both). Like ``rglob``, it does not
+    descend into linked folders, keeps linked files and passes over folders it may not read."""
+    try:
+        entries = os.scandir(folder)
+    except PermissionError:
+        return
+    with entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                yield from scan_files(entry.path, extensions)
+            elif os.path.splitext(entry.name)[1].lower() in extensions and entry.is_file():
+                yield entry.path
 
 
 def file_digest(path: Path) -> str:
@@ -43,12 +63,30 @@ def file_digest(path: Path) -> str:
 
 
 def file_list_key(files: Sequence[Path]) -> str:
-    """A digest of the exact file list (path, size, modification time)."""
+    """A digest of the exact file list (absolute path, size, modification time). The path is
+    made absolute without resolving links: ``resolve`` costs a system call per folder of
+    each path (seconds for 100,000 patches), and a file reached through another link only
+    misses the cache."""
     digest = hashlib.sha256()
     for path in files:
-        stat = path.stat()
-        digest.update(f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        stat = os.stat(path)
+        digest.update(f"{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
+
+
+def read_cache(path: Path) -> dict:
+    """The record a JSON cache holds; empty when there is none or it is damaged (a cache is
+    only a cache: what it held is computed again)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def write_cache(path: Path, record: dict) -> None:
+    """Store ``record`` as JSON in ``path``, atomically (two processes never see half of it)."""
+    write_atomically(path, lambda temporary: temporary.write_text(json.dumps(record)))
 
 
 # Out of space, out of quota, or over the file-size limit: the write cannot finish, and the fix is room.

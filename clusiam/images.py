@@ -18,7 +18,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from clusiam.errors import DataError
-from clusiam.files import find_files
+from clusiam.files import file_list_key, find_files, read_cache, write_cache
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk every complete PNG ends with
@@ -43,6 +43,7 @@ class Checked(NamedTuple):
 
     good: list[Path]
     bad: list[tuple[Path, str]]
+    key: dict | None = None  # what the verdict was made for (files and options), for its cache
 
     def report(self, listing: Path | None) -> None:
         """List the files left out in ``listing`` (written afresh, empty when none is) and say
@@ -102,13 +103,40 @@ def unsupported_mode(mode: str) -> str:
             "pixel values to read as 8-bit RGB: save the patches as 8-bit (or 16-bit) images")
 
 
-def check_images(files: Sequence[Path], min_size: int, skip_bad_files: bool, same_size: bool = False) -> Checked:
+def check_images(files: Sequence[Path], min_size: int, skip_bad_files: bool, same_size: bool = False,
+                 cache: Path | None = None) -> Checked:
     """Check every file before training starts.
 
     Without ``skip_bad_files`` the first bad file raises :class:`DataError`. With it, bad
     files are left out, with the reason. With ``same_size`` (batches of uint8 patches need
     one size), the size most files have is kept and files of any other size are bad.
+
+    With ``cache`` (a file that :func:`remember_check` wrote, such as
+    SAVE_PATH/checked_files.json), its verdict is reused, without opening any file, while the
+    files (paths, sizes, modification times) and the check's options are those it was made
+    for: checking 100,000 patches takes about half a minute on two cores, a restart nothing.
+    The verdict carries its ``key``, for :func:`remember_check`; this function writes nothing.
     """
+    key = {"file_list_key": file_list_key(files), "min_size": min_size, "skip_bad_files": skip_bad_files,
+           "same_size": same_size}  # the files' key taken first: a file changed while checked misses next time
+    if cache is not None:
+        record = read_cache(cache)
+        if record.get("key") == key:
+            print(f"reusing the check of {len(files)} unchanged files from {cache}")
+            left_out = dict(record["bad"])
+            return Checked([path for path in files if str(path) not in left_out],
+                           [(path, left_out[str(path)]) for path in files if str(path) in left_out], key)
+    return check_each(files, min_size, skip_bad_files, same_size)._replace(key=key)
+
+
+def remember_check(cache: Path, checked: Checked) -> None:
+    """Keep a verdict of :func:`check_images` in ``cache`` for the next start to reuse."""
+    write_cache(cache, {"key": checked.key, "num_files": len(checked.good) + len(checked.bad),
+                        "bad": [[str(path), why] for path, why in checked.bad]})
+
+
+def check_each(files: Sequence[Path], min_size: int, skip_bad_files: bool, same_size: bool) -> Checked:
+    """:func:`check_images` without a cache: every file opened and checked, on threads."""
     bad: list[tuple[Path, str]] = []
     sized: list[tuple[Path, tuple[int, int]]] = []
     with ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) * 4)) as pool, \

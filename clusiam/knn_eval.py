@@ -4,8 +4,10 @@ baselines (a randomly initialised encoder of the same architecture, and raw pixe
 
     python evaluate_knn.py --checkpoint run/a.pth [run/b.pth ...] --train TRAIN --test TEST --out reports/knn
 
-TRAIN and TEST are folders laid out ``root/<class>/<slide>/<patch>`` or CSV files with
-columns path, label, slide.
+TRAIN and TEST are folders laid out ``root/<class>/<slide>/<patch>``, CSV files with
+columns path, label, slide, or CSV files naming patches by slide and corner (slide, x, y,
+label, as a tiling job's ``patch_labels.csv``), read straight from the slides of the job
+the table sits in, of ``--job JOB`` or of ``--coords DIR --slides DIR``.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ from clusiam.metrics import (
     write_per_slide_accuracy,
 )
 from clusiam.models import PretrainModel
+from clusiam.slide_source import add_slide_options, slide_pairs
 from clusiam.splits import LabelledPatches, read_labelled_patches, split_overlap
 
 PIXEL_BASELINE_SIZE = 16  # raw-pixel baseline: 16 x 16 x 3 = 768 values
@@ -58,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = CommandParser(prog="evaluate_knn.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", nargs="+", required=True, help="one or more clusiam checkpoints")
     parser.add_argument("--train", required=True,
-                        help="training patches: root/<class>/<slide>/<patch> or a CSV (path, label, slide)")
+                        help="training patches: root/<class>/<slide>/<patch>, a CSV (path, label, slide) or a CSV "
+                             "(slide, x, y, label) read from slides")
     parser.add_argument("--test", required=True, help="test patches, as --train")
     parser.add_argument("--out", required=True, help="report folder")
     parser.add_argument("--positive", default=None, help="positive class for binary F1 (default: tumor when present)")
@@ -72,12 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_workers", type=int, default=4, action=InRange, at_least=0,
                         help="data loading processes (0 = in the main process)")
     parser.add_argument("--resize", type=int, default=None, action=InRange, at_least=1,
-                        help="bring every patch to N x N pixels before encoding")
+                        help="bring every patch to N x N pixels before encoding (patches from slides are read so)")
     parser.add_argument("--cache_dir", default=None, help="feature cache (default: OUT/cache)")
     parser.add_argument("--allow_overlap", action="store_true",
                         help="evaluate even when train and test share slides or files")
     parser.add_argument("--no_baselines", dest="baselines", action="store_false",
                         help="skip the random-encoder and raw-pixel rows")
+    add_slide_options(parser, "for --train / --test tables of slide, x, y, label; a table in a tiling job's "
+                              "folder is read from that job without them")
     add_dist_timeout(parser, "rank 0 searching and writing the report while the others wait")
     return parser
 
@@ -118,7 +124,7 @@ def baseline_encoders(reference: dict) -> list[Encoder]:
 
 
 def split_summary(patches: LabelledPatches) -> dict:
-    return {"patches": len(patches.paths), "slides": len(set(patches.slides)),
+    return {"patches": len(patches), "slides": len(set(patches.slides)),
             "classes": {c: patches.labels.count(c) for c in sorted(set(patches.labels))}}
 
 
@@ -141,15 +147,16 @@ def read_splits(args: argparse.Namespace) -> Splits:
     """``--train`` and ``--test``, refused when they overlap (unless ``--allow_overlap``) or
     when a ``--k`` cannot be searched; a split without some of the classes is evaluated, and
     the report says what that leaves undefined."""
-    train, test = read_labelled_patches(args.train), read_labelled_patches(args.test)
+    pairs = slide_pairs(args)
+    train, test = (read_labelled_patches(split, pairs, args.resize) for split in (args.train, args.test))
     problems = split_overlap(train, test)
     if problems and not args.allow_overlap:
         raise DataError("train and test overlap: " + "; ".join(problems) +
                         ". Split by slide, or pass --allow_overlap to evaluate anyway (the report will say so)")
     classes = sorted(set(train.labels) | set(test.labels))
-    if min(args.k) < 1 or max(args.k) > len(train.paths):
+    if min(args.k) < 1 or max(args.k) > len(train):
         raise ConfigError(f"--k {' '.join(map(str, args.k))}: each k must lie between 1 and the "
-                          f"{len(train.paths)} training patches")
+                          f"{len(train)} training patches")
     positive = positive_class(classes, args.positive)
     warnings = [f"train/test overlap allowed by --allow_overlap: {p}" for p in problems]
     warnings += training_set_warnings(train.labels, classes)
@@ -229,8 +236,8 @@ def evaluate_on(device: torch.device, args: argparse.Namespace) -> dict | None:
     out = Path(args.out)
     splits = read_splits(args)
     backend = choose_backend(args.backend, max(args.k))
-    print_rank_zero(f"KNN on {backend}; features on {device}; {len(splits.train.paths)} train / "
-                    f"{len(splits.test.paths)} test patches; classes {splits.classes}, positive {splits.positive}")
+    print_rank_zero(f"KNN on {backend}; features on {device}; {len(splits.train)} train / "
+                    f"{len(splits.test)} test patches; classes {splits.classes}, positive {splits.positive}")
     encoders = all_encoders(args)
     cache_dir = Path(args.cache_dir) if args.cache_dir else out / "cache"
     options = {"batch_size": args.batch_size, "num_workers": args.num_workers, "resize": args.resize}
@@ -242,7 +249,7 @@ def evaluate_on(device: torch.device, args: argparse.Namespace) -> dict | None:
         features, cached = {}, {}
         for name, patches in (("train", splits.train), ("test", splits.test)):
             features[name], cached[name] = cached_encode(
-                cache_dir, encoder.identity, encoder.module, patches.paths, encoder.mean, encoder.std, device,
+                cache_dir, encoder.identity, encoder.module, patches.source, encoder.mean, encoder.std, device,
                 desc=f"{encoder.name} {name}", **options)
         encoding = {"features_cached": cached["train"] and cached["test"],
                     "encode_seconds": round(time.perf_counter() - started, 3)}

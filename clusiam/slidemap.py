@@ -2,13 +2,14 @@ r"""Pictures of a slide: every tile coloured by its cluster (the assigner's argm
 per-tile score such as DSMIL attention, over the slide's thumbnail, with annotation
 contours on top.
 
-    python -m clusiam.slidemap --checkpoint runs/clusiam/last.pth --slide S.svs --patches PATCH_ROOT --out maps/
-    python -m clusiam.slidemap --scores reports/mil/attention/seed0_fold0.h5 --slide S.svs \
-        --patches PATCH_ROOT --out maps/
+    python -m clusiam.slidemap --checkpoint runs/clusiam/last.pth --job JOB --slide S --out maps/
+    python -m clusiam.slidemap --scores reports/mil/attention/seed0_fold0.h5 --job JOB --slide S --out maps/
 
-The tiles come from the tiler's index (``PATCH_ROOT_index/<slide>.h5``). Scores are read
-from a CSV with columns x, y, score (level-0 pixels) or from a ``mil.train`` attention file;
-tiles without a score are counted and drawn grey.
+The tiles are those of a tiling job (``python -m clusiam.tile SLIDES --out JOB``): its
+``coords/<slide>.h5``. A cluster map reads each patch from the slide, so a job tiled with
+``--coords_only`` draws one as well as a job with patch files. Scores are read from a CSV
+with columns x, y, score (level-0 pixels) or from a ``mil.train`` attention file; tiles
+without a score are counted and drawn grey.
 """
 from __future__ import annotations
 
@@ -26,8 +27,11 @@ from clusiam.checkpoint import load_pretrained
 from clusiam.distributed import resolve_device
 from clusiam.errors import DataError, UserError, run_command
 from clusiam.features import encode
+from clusiam.slide_source import SlideSource, job_pairs
+from clusiam.slides import open_slide
+from clusiam.sources import PatchSource
 from clusiam.tables import read_csv_rows, write_csv
-from clusiam.tile import annotation_file, index_folder, open_slide, polygon_outlines, read_annotations, slide_thumbnail
+from clusiam.tile import annotation_file, polygon_outlines, read_annotations, slide_thumbnail
 
 TILE_ALPHA = 0.55
 UNSCORED = np.array([128, 128, 128], dtype=np.uint8)  # grey: a tile the scores file does not mention
@@ -39,32 +43,48 @@ def cluster_palette(num_clusters: int) -> np.ndarray:
     return (np.asarray(colours)[np.arange(num_clusters) % len(colours)] * 255).astype(np.uint8)
 
 
-def read_index(index_dir: Path, slide: str) -> dict:
-    path = index_dir / f"{slide}.h5"
-    if not path.is_file():
-        raise UserError(f"no tiling index {path}: tile the slide with python -m clusiam.tile first, "
-                        "or pass --index_dir")
+def job_slide(job: Path, slide: str) -> tuple[Path, Path]:
+    """The slide file and coordinate file of ``slide`` in a tiling job. ``slide`` is its name
+    in the job or a slide file of that name (read instead of the one the job records, which
+    may have moved since)."""
+    pairs = {coords.stem: (slide_path, coords) for slide_path, coords in job_pairs(job)}
+    name = slide if slide in pairs else Path(slide).stem
+    if name not in pairs:
+        raise DataError(f"the tiling job {job} has no coordinates for slide {name} (it has "
+                        f"{', '.join(sorted(pairs)[:5]) or 'none'}): tile it with python -m clusiam.tile SLIDE "
+                        f"--out {job}, or pass the job it was tiled into")
+    slide_path, coords = pairs[name]
+    return (Path(slide) if Path(slide).is_file() else slide_path), coords
+
+
+def read_tiles(path: Path) -> dict:
+    """A coordinate file's tile corners (level-0 pixels), their side in level-0 pixels and
+    the slide's level-0 resolution, which scales the picture."""
     with h5py.File(path, "r") as handle:
         coords = handle["coords"]
-        return {"coords": coords[:], "paths": [p.decode() for p in handle["paths"][:]],
-                "tile0": float(coords.attrs["patch_size_level0"]), "mpp0": float(coords.attrs["level0_mpp"])}
+        tiles = {"coords": coords[:], "tile0": float(coords.attrs["patch_size_level0"]),
+                 "mpp0": float(coords.attrs["level0_mpp"])}
+    if not len(tiles["coords"]):
+        raise DataError(f"{path} lists no tile, so there is nothing to draw: the job's tiles.csv says why (its "
+                        "warnings column); tile the slide again as it suggests")
+    return tiles
 
 
-def tile_clusters(checkpoint: str, files: Sequence[Path], device_name: str, batch_size: int) -> np.ndarray:
+def tile_clusters(checkpoint: str, patches: PatchSource, device_name: str, batch_size: int) -> np.ndarray:
     """Each patch's cluster: argmax of the cluster assigner on its projection."""
     model, state = load_pretrained(checkpoint)
     if not model.method.clustered:
         raise UserError(f"{checkpoint} is a {model.model_type} checkpoint, which has no clusters; "
                         "draw scores with --scores")
     assigner = nn.Sequential(model.backbone, model.projector, model.cluster_projector, model.cluster_assigner)
-    logits = encode(assigner, files, state["normalization"]["mean"], state["normalization"]["std"],
+    logits = encode(assigner, patches, state["normalization"]["mean"], state["normalization"]["std"],
                     resolve_device(device_name), batch_size=batch_size, num_workers=0, desc="clusters")
     return logits.argmax(1)
 
 
 def read_scores(path: Path, slide: str, coords: np.ndarray) -> np.ndarray:
-    """Per-tile scores in index order from a CSV (x, y, score) or a mil attention file
-    (the positive class's attention); tiles without a score are NaN."""
+    """Per-tile scores, in the coordinate file's order, from a CSV (x, y, score) or a mil
+    attention file (the positive class's attention); tiles without a score are NaN."""
     if path.suffix.lower() in (".h5", ".hdf5"):
         with h5py.File(path, "r") as handle:
             if slide not in handle:
@@ -107,13 +127,12 @@ def paint(thumbnail: Image.Image, coords: np.ndarray, side: float, colours: np.n
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m clusiam.slidemap", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--slide", type=Path, required=True)
-    parser.add_argument("--patches", type=Path, required=True, help="the PATCH_ROOT the slide was tiled into")
+    parser.add_argument("--job", type=Path, required=True, help="the tiling job (python -m clusiam.tile --out JOB)")
+    parser.add_argument("--slide", required=True, help="the slide: its name in the job, or its file")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--checkpoint", default=None, help="colour tiles by this checkpoint's clusters")
     parser.add_argument("--scores", type=Path, default=None,
                         help="colour tiles by these scores instead (CSV x, y, score or mil attention .h5)")
-    parser.add_argument("--index_dir", type=Path, default=None, help="the tiler's index (default: PATCH_ROOT_index)")
     parser.add_argument("--annotations", type=Path, default=None,
                         help="annotation file or folder (ASAP XML / GeoJSON) to outline")
     parser.add_argument("--map_mpp", type=float, default=4.0, help="resolution of the picture (um/px)")
@@ -147,35 +166,44 @@ def score_colours(scores: np.ndarray, slide: str, source: Path) -> np.ndarray:
     return colours
 
 
+def draw_contours(picture: Image.Image, annotations: Path, name: str, scale: float) -> None:
+    """Outline the slide's annotated regions from a file, or from its file in a folder (a
+    slide without one is said, and drawn without)."""
+    if annotations.is_dir():
+        folder, annotations = annotations, annotation_file(annotations, name)
+        if annotations is None:
+            print(f"no annotation file for {name} in {folder}; no contours drawn")
+            return
+    pen = ImageDraw.Draw(picture)
+    for outline in polygon_outlines(read_annotations(annotations), scale):
+        pen.line(outline + outline[:1], fill=(0, 255, 255), width=2)
+
+
 def draw(args: argparse.Namespace) -> Path:
+    """The slide's cluster map or heatmap, as ``OUT/<slide>_clusters.png`` (with the
+    clusters in ``<slide>_clusters.csv``) or ``OUT/<slide>_heatmap.png``."""
     check_inputs(args)
-    name = args.slide.stem
-    index = read_index(args.index_dir or index_folder(args.patches), name)
-    slide = open_slide(args.slide)
-    scale = args.map_mpp / index["mpp0"]
+    slide_path, coords_path = job_slide(args.job, args.slide)
+    name = coords_path.stem
+    tiles = read_tiles(coords_path)
+    slide = open_slide(slide_path)
+    scale = args.map_mpp / tiles["mpp0"]
     thumbnail = slide_thumbnail(slide, scale)
     slide.close()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.checkpoint:
-        patch_files = [args.patches / p for p in index["paths"]]
-        clusters = tile_clusters(args.checkpoint, patch_files, args.device, args.batch_size)
+        patches, _ = SlideSource.checked([(slide_path, coords_path)])
+        clusters = tile_clusters(args.checkpoint, patches, args.device, args.batch_size)
         colours = cluster_palette(int(clusters.max()) + 1)[clusters]
         target = args.out / f"{name}_clusters.png"
         write_csv(args.out / f"{name}_clusters.csv", ("x", "y", "cluster"),
-                  [(x, y, c) for (x, y), c in zip(index["coords"], clusters)])
+                  [(x, y, c) for (x, y), c in zip(tiles["coords"], clusters)])
     else:
-        colours = score_colours(read_scores(args.scores, name, index["coords"]), name, args.scores)
+        colours = score_colours(read_scores(args.scores, name, tiles["coords"]), name, args.scores)
         target = args.out / f"{name}_heatmap.png"
-    picture = paint(thumbnail, index["coords"], index["tile0"], colours, scale)
-    annotations = args.annotations
-    if annotations is not None and annotations.is_dir():
-        annotations = annotation_file(annotations, name)
-        if annotations is None:
-            print(f"no annotation file for {name} in {args.annotations}; no contours drawn")
-    if annotations is not None:
-        pen = ImageDraw.Draw(picture)
-        for outline in polygon_outlines(read_annotations(annotations), scale):
-            pen.line(outline + outline[:1], fill=(0, 255, 255), width=2)
+    picture = paint(thumbnail, tiles["coords"], tiles["tile0"], colours, scale)
+    if args.annotations is not None:
+        draw_contours(picture, args.annotations, name, scale)
     picture.save(target)
     print(f"wrote {target}")
     return target

@@ -1,17 +1,21 @@
-"""Whole-slide images to tissue patches at a chosen resolution, with an index per slide,
-a picture of what was kept, and patch labels from tumour annotations.
+"""Whole-slide images to a tiling job: tissue patches at a chosen resolution, their
+coordinates, a picture of what was kept, and patch labels from tumour annotations.
 
-    python -m clusiam.tile SLIDES_DIR --out PATCH_ROOT --mpp 0.5 --size 224 [--annotations ANN_DIR]
+    python -m clusiam.tile SLIDES --out JOB --mpp 0.5 --size 224 [--annotations ANN_DIR] [--coords_only]
 
-Writes ``PATCH_ROOT/[<class>/]<slide>/<x>_<y>.png`` (x, y: level-0 pixels of the top-left
-corner) and, beside it in ``PATCH_ROOT_index/``: ``<slide>.h5`` (coordinates and tiling
-attributes), ``<slide>_thumbnail.png``, ``tiles.csv`` (one row per slide) and, with
-annotations, ``patch_labels.csv`` (path, label, slide) for ``evaluate_knn.py``. A slide's
-patches appear only once the slide is complete, so one that fails leaves none behind.
+Everything goes under JOB: ``patches/[<class>/]<slide>/<x>_<y>.png`` (x, y: level-0 pixels
+of the top-left corner; none with ``--coords_only``, where patches are read from the slide
+when needed), ``coords/<slide>.h5`` (coordinates with the attributes TRIDENT's and, where
+they mean the same patch, CLAM's readers expect), ``thumbnails/<slide>.png``, ``tiles.csv``
+(one row per slide), ``patch_labels.csv`` with annotations, ``failed_slides.txt`` and
+``job.json`` (which slide file each coordinate file was made from). A slide is tiled in
+``JOB/.unfinished/`` and its files move into place only once it is complete, its
+coordinate file last, so a slide that fails leaves nothing a reader would pick up.
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import shutil
@@ -19,7 +23,7 @@ import time
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -33,22 +37,26 @@ from skimage.filters import threshold_otsu
 from skimage.morphology import remove_small_holes, remove_small_objects
 from tqdm import tqdm
 
-from clusiam.errors import ConfigError, DataError, SlideError, run_command
-from clusiam.files import find_files
+from clusiam.coords import COORDS, JOB_FILE, coordinate_attributes
+from clusiam.errors import ConfigError, DataError, run_command
+from clusiam.files import check_output_folder, find_files, make_folder, write_atomically
+from clusiam.slides import SLIDE_EXTENSIONS, PatchReader, level0_mpp, open_slide, slide_property
 from clusiam.tables import read_table, write_csv
 
-SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".mrxs", ".vms", ".vmu", ".bif", ".svslide")
 # ASAP groups of the Camelyon16 annotations: _0 and _1 are tumour, _2 marks normal tissue inside them.
 ASAP_EXCLUSION_GROUPS = {"_2", "exclusion", "Exclusion"}
-# Under the index folder: slides being tiled, moved into place when complete.
-STAGING = ".unfinished"
+# The other folders of a job (JOB = --out; job.json and coords/ are named in clusiam.coords).
+PATCHES, THUMBNAILS, STAGING = "patches", "thumbnails", ".unfinished"
+TILE_COLUMNS = ("slide", "tiles", "tissue_area_mm2", "mpp", "level", "otsu_threshold", "tumor_tiles", "seconds",
+                "warnings")
+LABEL_COLUMNS = ("slide", "x", "y", "label", "path")
 
 
 def option(default: Any, help: str, rule: tuple[Callable[[Any], bool], str] | None = None, **argparse_options) -> Any:
     """A tiling option, defined once: its default, its ``--help``, the rule a value must
     follow (checked before any slide is opened: whether it is usable, and what it must be)
-    and what else ``add_argument`` needs (``type`` when the default is None, ``flag`` when
-    the flag's name differs from the field's, ``choices``)."""
+    and what else ``add_argument`` needs (``type`` when the default is None, ``action`` for a
+    switch, ``flag`` when the flag's name differs from the field's, ``choices``)."""
     return field(default=default, metadata={"help": help, "rule": rule, "argparse": argparse_options})
 
 
@@ -80,54 +88,33 @@ class TilingOptions:
     label_threshold: float = option(0.5, "tumour fraction from which a tile is labelled tumor",
                                     (lambda v: 0 < v <= 1, "in (0, 1]: the tumour fraction from which a tile is tumor"))
     annotations: Path | None = option(None, "folder of <slide>.xml (ASAP) or <slide>.geojson", type=Path)
+    coords_only: bool = option(False, "write coordinates, thumbnails and tables but no patch image (readers "
+                               "read the patches from the slides)", action="store_true")
+
+    @property
+    def overlap_px(self) -> int:
+        """The overlap in pixels at ``--mpp``, as coordinate files record it; the grid steps by the rest."""
+        return round(self.size * self.overlap)
+
+    @property
+    def extension(self) -> str:
+        return "jpg" if self.image_format == "jpeg" else self.image_format
 
 
 @dataclass(frozen=True)
 class ReadPlan:
     """Where a slide's tiles lie and how they are read: the grid in level-0 pixels, the
-    pyramid level read from and the side read there (resized to ``--size`` when it
-    differs), and the scale of the thumbnail the tissue is found on."""
+    reader (the pyramid level read from and the side read there, resized to ``--size``) and
+    the scale of the thumbnail the tissue is found on."""
 
     level0_mpp: float
     magnification: float | None  # the slide's level-0 objective power, when the file records it
     width: int  # level-0 pixels
     height: int
-    level: int
-    downsample: float
-    tile0: float  # tile side in level-0 pixels
+    reader: PatchReader
+    downsample: float  # of the level the reader reads
     step0: float  # grid step in level-0 pixels
-    read_size: int  # tile side in pixels at ``level``
     thumb_scale: float  # level-0 pixels per thumbnail pixel
-
-
-def open_slide(path: Path):
-    """A slide through tiffslide; through openslide when tiffslide cannot read it and
-    openslide is installed."""
-    import tiffslide
-
-    try:
-        return tiffslide.TiffSlide(path)
-    except Exception as tiff_error:
-        try:
-            import openslide
-        except ImportError:
-            raise SlideError(f"{path}: not a readable slide ({type(tiff_error).__name__}: {tiff_error})") from None
-        try:
-            return openslide.OpenSlide(str(path))
-        except Exception as error:
-            raise SlideError(f"{path}: not a readable slide ({type(error).__name__}: {error})") from None
-
-
-def level0_mpp(slide, path: Path, override: float | None) -> float:
-    """Microns per pixel at level 0, from the file or ``--slide_mpp``."""
-    if override:
-        return override
-    for key in ("tiffslide.mpp-x", "openslide.mpp-x"):
-        value = slide.properties.get(key)
-        if value:
-            return float(value)
-    raise SlideError(f"{path}: the file records no microns-per-pixel; pass --slide_mpp "
-                     "(e.g. 0.25 for 40x, 0.5 for 20x)")
 
 
 def tissue_mask(thumbnail: np.ndarray, mask_mpp: float, options: TilingOptions) -> tuple[np.ndarray, float]:
@@ -182,49 +169,49 @@ def annotation_file(directory: Path | None, slide: str) -> Path | None:
     return None
 
 
-def tile_slide(path: Path, out: Path, index_dir: Path, slide_class: str | None, options: TilingOptions) -> dict:
+def tile_slide(path: Path, job: Path, slide_class: str | None, options: TilingOptions) -> dict:
     """Tile one slide into a staging folder and move it into place only when complete, so a
-    slide that fails half-way leaves no patches for pretraining to pick up; return its
-    summary row (and the patch label rows)."""
-    relative = Path(slide_class, path.stem) if slide_class else Path(path.stem)
-    staging = index_dir / STAGING / path.stem
+    slide that fails half-way leaves nothing for pretraining or a reader to pick up; return
+    its summary row (and its patch label rows)."""
+    relative = Path(PATCHES, slide_class or "", path.stem)
+    staging = job / STAGING / path.stem
     shutil.rmtree(staging, ignore_errors=True)  # left by a run that was killed
     try:
-        row = tile_into(path, relative, staging, options)
-        publish(staging, out / relative, index_dir, path.stem)
+        row = tile_into(path, relative, staging, job / COORDS, options)
+        publish(staging, job, relative, path.stem)
     except Exception:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return row
 
 
-def publish(staging: Path, folder: Path, index_dir: Path, name: str) -> None:
-    """Move a finished slide's index and thumbnail, then its patches, into place. The
-    patches of an earlier tiling of the slide are replaced rather than mixed with these."""
-    for file in (f"{name}.h5", f"{name}_thumbnail.png"):
-        os.replace(staging / file, index_dir / file)
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(staging / "patches", folder)  # a rename, or a copy when --index_dir is on another disk
+def publish(staging: Path, job: Path, relative: Path, name: str) -> None:
+    """Move a finished slide into place. Its earlier coordinate file goes first and the new
+    one comes last, so that a coordinate file in the job always belongs to the patches and
+    thumbnail beside it; patches of an earlier tiling are replaced rather than mixed with
+    these (and removed under --coords_only, which writes none)."""
+    (job / COORDS / f"{name}.h5").unlink(missing_ok=True)
+    shutil.rmtree(job / relative, ignore_errors=True)
+    if (staging / PATCHES).is_dir():
+        (job / relative).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging / PATCHES, job / relative)
+    os.replace(staging / f"{name}.png", job / THUMBNAILS / f"{name}.png")
+    os.replace(staging / f"{name}.h5", job / COORDS / f"{name}.h5")
     staging.rmdir()
 
 
 def plan_reading(slide, path: Path, options: TilingOptions) -> ReadPlan:
-    """The grid and the read level of one slide: read from the most downsampled level that is
-    still at least as fine as ``--mpp``."""
+    """The grid and the reader of one slide: ``--size`` pixels at ``--mpp``, on a grid that
+    steps by the tile less the overlap in whole pixels at ``--mpp`` (what the coordinate file
+    records)."""
     mpp0 = level0_mpp(slide, path, options.slide_mpp)
     width, height = slide.dimensions
     target = options.mpp / mpp0  # level-0 pixels per output pixel
-    level = max((i for i, d in enumerate(slide.level_downsamples) if d <= target * 1.001), default=0)
-    downsample = slide.level_downsamples[level]
-    tile0 = options.size * target
-    magnification = slide.properties.get("tiffslide.objective-power") or slide.properties.get(
-        "openslide.objective-power")
+    reader = PatchReader.for_slide(slide, options.size * target, options.size)
     return ReadPlan(
-        level0_mpp=mpp0, magnification=float(magnification) if magnification else None,
-        width=width, height=height, level=level, downsample=downsample, tile0=tile0,
-        step0=tile0 * (1 - options.overlap), read_size=max(1, round(tile0 / downsample)),
-        thumb_scale=options.mask_mpp / mpp0,
+        level0_mpp=mpp0, magnification=slide_property(slide, "objective-power"), width=width, height=height,
+        reader=reader, downsample=float(slide.level_downsamples[reader.level]),
+        step0=(options.size - options.overlap_px) * target, thumb_scale=options.mask_mpp / mpp0,
     )
 
 
@@ -232,7 +219,7 @@ def tissue_tiles(mask: np.ndarray, plan: ReadPlan, min_tissue: float) -> tuple[n
     """The grid's tiles with at least ``min_tissue`` of their area in the tissue mask: their
     top-left corners (N, 2) in level-0 pixels, and their tissue fractions."""
     coords, tissue = [], []
-    scale, tile0 = plan.thumb_scale, plan.tile0
+    scale, tile0 = plan.thumb_scale, plan.reader.side0
     for y in np.arange(0, plan.height - tile0 + 1e-6, plan.step0):
         for x in np.arange(0, plan.width - tile0 + 1e-6, plan.step0):
             box = mask[int(y / scale): max(int(y / scale) + 1, int((y + tile0) / scale)),
@@ -264,12 +251,12 @@ def tumour_region(options: TilingOptions, slide: str) -> tuple[shapely.Geometry 
 
 def no_tile_warning(path: Path, plan: ReadPlan, options: TilingOptions, tissue_mm2: float) -> str:
     """Why a slide gave no patch, and what to change."""
-    if plan.tile0 > min(plan.width, plan.height):
-        return (f"{path} gave 0 patches: a {options.size} px tile at {options.mpp:g} um/px spans {plan.tile0:.0f} "
-                f"level-0 pixels, more than the slide's {plan.width} x {plan.height} at {plan.level0_mpp:g} um/px; "
-                "check --slide_mpp (0.25 for 40x, 0.5 for 20x), or lower --size or --mpp")
+    if plan.reader.side0 > min(plan.width, plan.height):
+        return (f"{path} gave 0 patches: a {options.size} px tile at {options.mpp:g} um/px spans "
+                f"{plan.reader.side0:.0f} level-0 pixels, more than the slide's {plan.width} x {plan.height} at "
+                f"{plan.level0_mpp:g} um/px; check --slide_mpp (0.25 for 40x, 0.5 for 20x), or lower --size or --mpp")
     return (f"{path} gave 0 patches: no tile holds {options.min_tissue:.0%} tissue ({tissue_mm2} mm2 of tissue "
-            f"found); see {path.stem}_thumbnail.png in the index folder, and lower --min_tissue or set "
+            f"found); see {THUMBNAILS}/{path.stem}.png in the job folder, and lower --min_tissue or set "
             "--saturation_threshold")
 
 
@@ -279,80 +266,90 @@ def tumour_fractions(coords: np.ndarray, tile0: float, region: shapely.Geometry)
     return shapely.area(shapely.intersection(boxes, region)) / (tile0 * tile0)
 
 
-def write_patches(slide, coords: np.ndarray, plan: ReadPlan, folder: Path, relative: Path,
-                  options: TilingOptions) -> list[str]:
-    """Read, resize and save every tile as ``folder/<x>_<y>.<ext>``; return the paths as
-    ``relative/<x>_<y>.<ext>`` (from PATCH_ROOT)."""
-    folder.mkdir(parents=True)
-    extension = "jpg" if options.image_format == "jpeg" else options.image_format
+def tumour_labels(coords: np.ndarray, tile0: float, region: shapely.Geometry | None,
+                  threshold: float) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Each tile's tumour fraction and label (``tumor`` from ``threshold`` on, else
+    ``normal``); neither without --annotations."""
+    if region is None:
+        return None, None
+    tumour = tumour_fractions(coords, tile0, region)
+    return tumour, np.where(tumour >= threshold, "tumor", "normal")
+
+
+def write_patches(slide, coords: np.ndarray, reader: PatchReader, folder: Path, relative: Path,
+                  extension: str) -> list[str]:
+    """Read every tile and save it as ``folder/<x>_<y>.<ext>``; return the paths as
+    ``relative/<x>_<y>.<ext>`` (from the job folder)."""
+    folder.mkdir()
     paths = []
     for x, y in coords:
-        patch = slide.read_region((int(x), int(y)), plan.level, (plan.read_size, plan.read_size)).convert("RGB")
-        if plan.read_size != options.size:
-            patch = patch.resize((options.size, options.size), Image.LANCZOS)
-        patch.save(folder / f"{x}_{y}.{extension}", **({"quality": 90} if extension == "jpg" else {}))
-        paths.append(str(relative / f"{x}_{y}.{extension}"))
+        name = f"{x}_{y}.{extension}"
+        reader.read(slide, x, y).save(folder / name, **({"quality": 90} if extension == "jpg" else {}))
+        paths.append(str(relative / name))
     return paths
 
 
-def write_index(path: Path, name: str, coords: np.ndarray, plan: ReadPlan, options: TilingOptions,
-                tissue: list[float], paths: list[str], tumour: np.ndarray | None, labels: np.ndarray | None) -> None:
-    """The slide's ``<slide>.h5``: ``coords`` with the attributes CLAM / TRIDENT readers look
-    for (plus the resolution in microns), tissue fractions, patch paths and, with
-    annotations, tumour fractions and labels."""
+def write_coords(path: Path, coords: np.ndarray, attributes: dict, tissue: list[float], paths: list[str] | None,
+                 tumour: np.ndarray | None, labels: np.ndarray | None) -> None:
+    """The slide's coordinate file: ``coords`` with ``attributes`` (see
+    :func:`clusiam.coords.coordinate_attributes`), and ours beside it: tissue fractions, the
+    patch files (none under --coords_only) and, with annotations, tumour fractions and labels."""
     with h5py.File(path, "w") as handle:
-        dataset = handle.create_dataset("coords", data=coords)
-        dataset.attrs.update({
-            "patch_size": options.size, "patch_size_level0": plan.tile0, "patch_level": plan.level,
-            "downsample": plan.downsample, "level_dim": slide_dims(plan.width, plan.height, plan.downsample),
-            "mpp": options.mpp, "level0_mpp": plan.level0_mpp, "overlap": options.overlap,
-            "level0_magnification": plan.magnification or float("nan"),
-            "name": name, "format": "jpg" if options.image_format == "jpeg" else options.image_format,
-        })
+        handle.create_dataset("coords", data=coords).attrs.update(attributes)
         handle["tissue_fraction"] = np.array(tissue, dtype=np.float32)
-        handle["paths"] = paths
+        if paths is not None:
+            handle["paths"] = np.array(paths, dtype=h5py.string_dtype())
         if tumour is not None:
             handle["tumor_fraction"] = tumour.astype(np.float32)
             handle["label"] = labels.astype("S")
 
 
-def tile_into(path: Path, relative: Path, staging: Path, options: TilingOptions) -> dict:
-    """Tile one slide into ``staging``: patches under ``patches/``, index and thumbnail
-    beside them; return its summary row and, with annotations, its patch label rows."""
+def label_rows(name: str, coords: np.ndarray, labels: np.ndarray | None, paths: list[str] | None) -> list[dict]:
+    """The slide's rows of ``patch_labels.csv``: where each patch lies, its label and its
+    file (empty under --coords_only: read it from the slide)."""
+    if labels is None:
+        return []
+    files = paths if paths is not None else [""] * len(coords)
+    return [dict(zip(LABEL_COLUMNS, (name, int(x), int(y), label, file)))
+            for (x, y), label, file in zip(coords, labels.tolist(), files)]
+
+
+def tile_into(path: Path, relative: Path, staging: Path, coords_dir: Path, options: TilingOptions) -> dict:
+    """Tile one slide into ``staging``: patches under ``patches/`` (unless --coords_only),
+    coordinate file and thumbnail beside them; return its summary row and its patch label rows."""
     started = time.time()
     name = path.stem
+    region, annotation_warning = tumour_region(options, name)
     slide = open_slide(path)
     try:
         plan = plan_reading(slide, path, options)
         thumbnail = np.asarray(slide_thumbnail(slide, plan.thumb_scale))
         mask, threshold = tissue_mask(thumbnail, options.mask_mpp, options)
         coords, tissue = tissue_tiles(mask, plan, options.min_tissue)
-        region, annotation_warning = tumour_region(options, name)
-        paths = write_patches(slide, coords, plan, staging / "patches", relative, options)
+        staging.mkdir(parents=True)
+        paths = None if options.coords_only else write_patches(slide, coords, plan.reader, staging / PATCHES,
+                                                                relative, options.extension)
     finally:
         slide.close()
-    tumour = labels = None
-    if region is not None:
-        tumour = tumour_fractions(coords, plan.tile0, region)
-        labels = np.where(tumour >= options.label_threshold, "tumor", "normal")
-    write_index(staging / f"{name}.h5", name, coords, plan, options, tissue, paths, tumour, labels)
-    draw_thumbnail(thumbnail, mask, coords / plan.thumb_scale, plan.tile0 / plan.thumb_scale,
-                   staging / f"{name}_thumbnail.png", region, plan.thumb_scale)
+    tumour, labels = tumour_labels(coords, plan.reader.side0, region, options.label_threshold)
+    attributes = coordinate_attributes(
+        name=name, reader=plan.reader, downsample=plan.downsample, width=plan.width, height=plan.height,
+        level0_mpp=plan.level0_mpp, magnification=plan.magnification, overlap_px=options.overlap_px,
+        savetodir=coords_dir)
+    write_coords(staging / f"{name}.h5", coords, attributes, tissue, paths, tumour, labels)
+    draw_thumbnail(thumbnail, mask, coords / plan.thumb_scale, plan.reader.side0 / plan.thumb_scale,
+                   staging / f"{name}.png", region, plan.thumb_scale)
     tissue_mm2 = round(float(mask.sum()) * options.mask_mpp**2 / 1e6, 3)
     warnings = [annotation_warning] if annotation_warning else []
     if len(coords) == 0:
         warnings.append(no_tile_warning(path, plan, options, tissue_mm2))
     return {
         "slide": name, "tiles": len(coords), "tissue_area_mm2": tissue_mm2,
-        "mpp": plan.level0_mpp, "level": plan.level, "otsu_threshold": round(threshold, 4),
+        "mpp": plan.level0_mpp, "level": plan.reader.level, "otsu_threshold": round(threshold, 4),
         "tumor_tiles": int((labels == "tumor").sum()) if labels is not None else "",
         "seconds": round(time.time() - started, 2), "warnings": warnings,
-        "patch_labels": [] if labels is None else list(zip(paths, labels.tolist(), [name] * len(paths))),
+        "patch_labels": label_rows(name, coords, labels, paths),
     }
-
-
-def slide_dims(width: int, height: int, downsample: float) -> tuple[int, int]:
-    return round(width / downsample), round(height / downsample)
 
 
 def draw_thumbnail(thumbnail: np.ndarray, mask: np.ndarray, corners: np.ndarray, side: float, path: Path,
@@ -382,16 +379,16 @@ def polygon_outlines(region: shapely.Geometry | None, scale: float) -> list[list
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m clusiam.tile", description=__doc__.split("\n\n")[0])
     parser.add_argument("slides", type=Path, help="a slide file or a folder of slides")
-    parser.add_argument("--out", type=Path, required=True, help="PATCH_ROOT for the patches")
-    parser.add_argument("--index_dir", type=Path, default=None,
-                        help="index, thumbnails and tables (default: PATCH_ROOT_index)")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="JOB: the job folder (patches, coordinates, thumbnails, tables, job.json)")
     parser.add_argument("--classes", type=Path, default=None,
-                        help="slides.csv (slide, label): patches go under <label>/<slide>/")
+                        help="slides.csv (slide, label): patches go under patches/<label>/<slide>/")
     parser.add_argument("--workers", type=int, default=4, help="slides tiled in parallel")
     for spec in fields(TilingOptions):
         options = dict(spec.metadata["argparse"])
         flag = options.pop("flag", spec.name)
-        options.setdefault("type", type(spec.default))
+        if "action" not in options:
+            options.setdefault("type", type(spec.default))
         parser.add_argument(f"--{flag}", dest=spec.name, default=spec.default, help=spec.metadata["help"], **options)
     return parser
 
@@ -410,18 +407,26 @@ def tiling_options(args: argparse.Namespace) -> TilingOptions:
         state = "is not a folder" if args.annotations.exists() else "does not exist"
         raise DataError(f"--annotations {args.annotations} {state}: pass the folder of <slide>.xml (ASAP) "
                         "or <slide>.geojson files, or leave --annotations out")
-    return TilingOptions(**{spec.name: getattr(args, spec.name) for spec in fields(TilingOptions)})
+    options = TilingOptions(**{spec.name: getattr(args, spec.name) for spec in fields(TilingOptions)})
+    if options.overlap_px >= options.size:
+        raise ConfigError(f"--overlap {options.overlap:g} of a {options.size} px tile rounds to {options.overlap_px} "
+                          "px, the whole tile: the grid would not move; lower --overlap")
+    return options
 
 
 def find_slides(source: Path) -> list[Path]:
+    """The slide files to tile, refusing two of one name: a job keeps one coordinate file per name."""
     if source.is_file():
         return [source]
-    return find_files(source, SLIDE_EXTENSIONS, "slides", "pass a slide file or a folder of slides", "check the path")
-
-
-def index_folder(patch_root: Path) -> Path:
-    """Where the tiler puts a patch root's index, thumbnails and tables: PATCH_ROOT_index."""
-    return patch_root.with_name(patch_root.name + "_index")
+    slides = find_files(source, SLIDE_EXTENSIONS, "slides", "pass a slide file or a folder of slides",
+                        "check the path")
+    seen: dict[str, Path] = {}
+    for path in slides:
+        if path.stem in seen:
+            raise DataError(f"{seen[path.stem]} and {path} are both named {path.stem}, and a job keeps one "
+                            "coordinate file per slide name: rename one, or tile them into separate --out folders")
+        seen[path.stem] = path
+    return slides
 
 
 def slide_thumbnail(slide, scale: float) -> Image.Image:
@@ -450,14 +455,13 @@ def report_unannotated(slides: Sequence[Path], folder: Path) -> None:
               "all their tiles are labelled normal (tumour fraction 0)")
 
 
-def tile_all(slides: Sequence[Path], out: Path, index_dir: Path, classes: dict[str, str], options: TilingOptions,
+def tile_all(slides: Sequence[Path], job: Path, classes: dict[str, str], options: TilingOptions,
              workers: int) -> tuple[list[dict], list[tuple[Path, str]]]:
     """Tile the slides ``workers`` at a time; return the summary rows of those tiled and the
     slides that failed, with why (one bad slide must not stop the others)."""
     rows, failed = [], []
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        futures = {pool.submit(tile_slide, path, out, index_dir, classes.get(path.stem), options): path
-                   for path in slides}
+        futures = {pool.submit(tile_slide, path, job, classes.get(path.stem), options): path for path in slides}
         for future in tqdm(futures, desc="slides", unit="slide"):
             try:
                 rows.append(future.result())
@@ -467,25 +471,68 @@ def tile_all(slides: Sequence[Path], out: Path, index_dir: Path, classes: dict[s
                 continue
             for warning in rows[-1]["warnings"]:  # printed here: the workers' own output would interleave
                 tqdm.write(f"warning: {warning}")
-    shutil.rmtree(index_dir / STAGING, ignore_errors=True)
+    shutil.rmtree(job / STAGING, ignore_errors=True)
     return rows, failed
 
 
-def write_tables(index_dir: Path, out: Path, rows: list[dict], failed: list[tuple[Path, str]],
-                 labelled: bool) -> Path:
+def read_job(job: Path) -> dict:
+    """What an earlier run recorded in ``job.json`` (nothing for a new job), read before any
+    slide is tiled, so that a damaged record stops the run before the work rather than after."""
+    record = job / JOB_FILE
+    if not record.is_file():
+        return {}
+    try:
+        earlier = json.loads(record.read_text())
+        if isinstance(earlier.get("slides"), dict):
+            return earlier
+    except (ValueError, AttributeError):  # not JSON; JSON but not an object
+        pass
+    raise DataError(f"{record} is not the job record python -m clusiam.tile writes (a \"slides\" mapping): delete "
+                    f"it and tile every slide of {job} again, or pass another --out")
+
+
+def write_job(job: Path, earlier: dict, tiled: dict[str, Path], options: TilingOptions) -> set[str]:
+    """``job.json``, written atomically: the slide file of each coordinate file in the job
+    (this run's slides, and an earlier run's whose coordinate file is still there), whether
+    some patches exist only as coordinates, and this run's options. Returns the names of
+    the earlier run's slides kept."""
+    kept = {name: path for name, path in earlier.get("slides", {}).items()
+            if name not in tiled and (job / COORDS / f"{name}.h5").is_file()}
+    plain = {key: str(value) if isinstance(value, Path) else value for key, value in asdict(options).items()}
+    record = {
+        "slides": dict(sorted({**kept, **{name: str(path) for name, path in tiled.items()}}.items())),
+        "coords_only": plain.pop("coords_only") or bool(kept and earlier.get("coords_only")),
+        "options": plain,
+    }
+    write_atomically(job / JOB_FILE, lambda temporary: temporary.write_text(json.dumps(record, indent=2) + "\n"))
+    return set(kept)
+
+
+def update_table(path: Path, columns: Sequence[str], rows: Sequence[dict], kept: set[str]) -> None:
+    """Write this run's ``rows`` to ``path`` (atomically) after those an earlier run wrote
+    there for the slides the job keeps from it; a table left without rows is removed."""
+    earlier = []
+    if kept and path.is_file():
+        with open(path, newline="") as handle:
+            earlier = [row for row in csv.DictReader(handle) if row.get("slide") in kept]
+    merged = [[row.get(column, "") for column in columns] for row in (*earlier, *rows)]
+    if merged:
+        write_atomically(path, lambda temporary: write_csv(temporary, columns, merged))
+    else:
+        path.unlink(missing_ok=True)
+
+
+def write_tables(job: Path, rows: list[dict], failed: list[tuple[Path, str]], kept: set[str]) -> Path:
     """``tiles.csv`` (its ``warnings`` column: what a slide gave that is likely not what was
-    meant, "; "-separated), ``patch_labels.csv`` (with annotations) and ``failed_slides.txt``
-    (only when a slide failed: a list from an earlier run would no longer be true); return the
-    last one's path."""
-    patch_labels = [label for row in rows for label in row.pop("patch_labels")]
-    columns = ("slide", "tiles", "tissue_area_mm2", "mpp", "level", "otsu_threshold", "tumor_tiles", "seconds")
-    write_csv(index_dir / "tiles.csv", (*columns, "warnings"),
-              [[*(row[column] for column in columns), "; ".join(row["warnings"])] for row in rows])
-    if labelled:
-        relative = Path("..") / out.name if index_dir.parent == out.parent else out
-        write_csv(index_dir / "patch_labels.csv", ("path", "label", "slide"),
-                  [(str(relative / path), label, slide) for path, label, slide in patch_labels])
-    failed_list = index_dir / "failed_slides.txt"
+    meant, "; "-separated) and ``patch_labels.csv`` (with annotations), each keeping an
+    earlier run's rows of the slides the job keeps; and ``failed_slides.txt`` (only when a
+    slide of this run failed: a list from an earlier run would no longer be true). Returns
+    the last one's path."""
+    update_table(job / "tiles.csv", TILE_COLUMNS, [{**row, "warnings": "; ".join(row["warnings"])} for row in rows],
+                 kept)
+    update_table(job / "patch_labels.csv", LABEL_COLUMNS, [label for row in rows for label in row["patch_labels"]],
+                 kept)
+    failed_list = job / "failed_slides.txt"
     if failed:
         failed_list.write_text("".join(f"{p}\t{why}\n" for p, why in failed))
     else:
@@ -494,25 +541,28 @@ def write_tables(index_dir: Path, out: Path, rows: list[dict], failed: list[tupl
 
 
 def tile(args: argparse.Namespace) -> dict:
-    """Tile every slide; unreadable ones are reported, listed and skipped."""
+    """Tile every slide into the job folder; unreadable ones are reported, listed and skipped."""
     options = tiling_options(args)
     slides = find_slides(args.slides)
     classes = read_classes(args.classes, slides) if args.classes else {}
-    out = args.out.resolve()  # `--out .` has no name to put _index after
-    index_dir = (args.index_dir or index_folder(out)).resolve()
-    index_dir.mkdir(parents=True, exist_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+    job = check_output_folder(args.out, "--out").resolve()
+    earlier = read_job(job)
+    for folder in (COORDS, THUMBNAILS):
+        make_folder(job / folder, "--out")
     if options.annotations is not None:
         report_unannotated(slides, options.annotations)
-    rows, failed = tile_all(slides, out, index_dir, classes, options, args.workers)
-    failed_list = write_tables(index_dir, out, rows, failed, labelled=options.annotations is not None)
+    rows, failed = tile_all(slides, job, classes, options, args.workers)
+    files = {path.stem: path.resolve() for path in slides}
+    kept = write_job(job, earlier, {row["slide"]: files[row["slide"]] for row in rows}, options)
+    failed_list = write_tables(job, rows, failed, kept)
     if not rows:
         raise DataError(f"none of the {len(slides)} slide(s) could be tiled; the reasons are in {failed_list}")
     warned = sum(1 for row in rows if row["warnings"])
-    print(f"{sum(r['tiles'] for r in rows)} patches from {len(rows)} slides into {out}; index in {index_dir}"
+    what = "coordinates of " if options.coords_only else ""
+    print(f"{what}{sum(r['tiles'] for r in rows)} patches from {len(rows)} slides into {job}"
           + (f"; {warned} slide(s) with warnings (in tiles.csv)" if warned else "")
           + (f"; {len(failed)} slide(s) could not be read (listed in {failed_list})" if failed else ""))
-    return {"rows": rows, "failed": failed, "index_dir": index_dir}
+    return {"rows": rows, "failed": failed, "job": job}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -37,18 +37,20 @@ from clusiam.demo import DemoSpec, prepare_demo
 from clusiam.distributed import barrier, check_replicas_agree, is_main, main_computes, processes, rank, world_size
 from clusiam.errors import ConfigError, DataError, DiskFullError, run_command
 from clusiam.files import make_folder
-from clusiam.images import Checked, check_images, find_images, uint8_tensor
+from clusiam.images import Checked, check_images, find_images, remember_check, uint8_tensor
 from clusiam.models import PretrainModel
 from clusiam.monitor import CLUSTER_DIAGNOSTICS, collapse_warnings
 from clusiam.runlock import RunLock
 from clusiam.runlog import EpochLog, RunLog, mean_over_ranks, step_diagnostics
+from clusiam.slide_source import SlideSource, folder_pairs, is_job, job_pairs
 from clusiam.sources import FolderSource, PatchSource, SkipLog, cached_channel_statistics
 from clusiam.step import LossSettings, build_optimizer, set_learning_rate, training_step
 
 # Options a resumed run is told about when they differ from the checkpoint's.
 TRAINING_OPTIONS = ("epochs", "batch_size", "lr", "weight_decay", "momentum", "fix_pred_lr", "alpha", "tau", "eps",
                     "target_momentum", "cosine_target_momentum", "image_size", "augment", "vflip", "rotate90",
-                    "hed_jitter", "precision", "seed")
+                    "hed_jitter", "precision", "seed", "patch_size")
+CHECK_CACHE = "checked_files.json"  # in SAVE_PATH: the verdict on the patch files, reused by a restart
 DIAGNOSTIC_NOISE = 2**32  # a seed key no rank number reaches: the diagnostics' own random stream
 
 ViewMaker = Callable[[object], tuple[Tensor, Tensor]]  # a collated batch -> two views on the training device
@@ -138,14 +140,31 @@ def check_demo_size(args: argparse.Namespace) -> None:
                           f"or pass --image_size {demo_size} (or a DATA_DIR)")
 
 
-def check_patches(data_dir: Path, args: argparse.Namespace) -> Checked:
-    """Every patch file under ``data_dir`` checked (rank 0 checks; every rank gets the
-    verdict); nothing is written."""
-    def check() -> Checked:
+def check_source(data_dir: Path | None, args: argparse.Namespace) -> tuple[PatchSource, Checked]:
+    """The patches to train on, and the verdict on their files: the slides of a tiling job
+    (DATA_DIR holds job.json) or of --coords/--slides, or the patch files under ``data_dir``.
+    Rank 0 checks and every rank gets the result; nothing is written."""
+    def check() -> tuple[PatchSource, Checked]:
+        if args.coords is not None:
+            return check_slides(folder_pairs(Path(args.coords), Path(args.slides)), args)
+        if is_job(data_dir):
+            return check_slides(job_pairs(Path(data_dir)), args)
         files = find_images(data_dir, "DATA_DIR (or none, for the built-in demo)")
-        return check_images(files, args.image_size, args.skip_bad_files, same_size=args.augment == "batched")
+        checked = check_images(files, args.image_size, args.skip_bad_files, same_size=args.augment == "batched",
+                               cache=Path(args.save_path) / CHECK_CACHE)
+        return FolderSource(checked.good), checked
 
     return main_computes(check)
+
+
+def check_slides(pairs: Sequence[tuple[Path, Path]], args: argparse.Namespace) -> tuple[SlideSource, Checked]:
+    """Each slide checked (:meth:`SlideSource.checked`), and its patches large enough for the views."""
+    source, checked = SlideSource.checked(pairs, args.patch_size, args.skip_bad_files)
+    if source.patch_size < args.image_size:
+        raise ConfigError(f"the slides' patches are {source.patch_size} px, smaller than --image_size "
+                          f"{args.image_size}: pass --patch_size {args.image_size} (the same field of view read at "
+                          f"more pixels) or --image_size {source.patch_size}")
+    return source, checked
 
 
 @contextlib.contextmanager
@@ -330,9 +349,9 @@ def finish_epoch(run: Run, epoch: int, record: EpochLog, seconds: float, args: a
     for warning in collapse_warnings(averages, args.num_clusters if run.model.method.clustered else None):
         print(f"warning (epoch {epoch + 1}): {warning}")
     if run.skipped is not None and run.skipped.count() > run.skipped_reported:
-        print(f"warning (epoch {epoch + 1}): {run.skipped.count() - run.skipped_reported} more patches could not "
-              "be read (left out of the statistics, or replaced in their batch by the next readable patch); they "
-              f"are listed in {run.skipped.path}")
+        print(f"warning (epoch {epoch + 1}): {run.skipped.count() - run.skipped_reported} more patches or slides "
+              "could not be read (left out of the statistics, or replaced in their batch by the next readable "
+              f"patch); they are listed in {run.skipped.path}, once per process that met them")
         run.skipped_reported = run.skipped.count()
 
 
@@ -369,33 +388,48 @@ def train_on(device: torch.device, args: argparse.Namespace) -> Path:
         print_rank_zero(f"{resume} already holds {checkpoint['epoch']} epochs (--epochs {args.epochs}): "
                         "nothing to train; pass a larger --epochs to train on")
         return resume
-    if args.data_dir is None:
+    on_demo = args.data_dir is None and args.coords is None
+    if on_demo:
         check_demo_size(args)
-    checked = None if args.data_dir is None else check_patches(args.data_dir, args)
+    inputs = None if on_demo else check_source(args.data_dir, args)
     with run_folder(save_path, log_dst):
         refuse_earlier_run(resume, save_path)  # again, now that no other run can write here
-        if checked is None:
+        if inputs is None:
             demo = main_computes(lambda: prepare_demo(save_path / "demo_data"))
             print_rank_zero(f"no DATA_DIR given: training on the built-in demo set in {demo}")
-            checked = check_patches(demo, args)
-        skipped = SkipLog(save_path / "skipped_files.txt") if args.skip_bad_files else None
-        if is_main():
-            checked.report(skipped.path if skipped else None)
-        run = set_up_run(device, args, checkpoint, FolderSource(checked.good), skipped)
-        log = RunLog(log_dst)
+            inputs = check_source(demo, args)
+        source, checked = inputs
+        run = set_up_run(device, args, checkpoint, source, record_check(checked, save_path, args))
         if checkpoint is not None:
             print_rank_zero(f"resumed {resume} at epoch {run.start_epoch}, step {run.step}")
-            log.restore_row(checkpoint)
-        announce(run, args)
-        for epoch in range(run.start_epoch, args.epochs):
-            started = time.time()
-            record = train_one_epoch(run, epoch, args, log)
-            finish_epoch(run, epoch, record, time.time() - started, args, log)
-        log.close()
-        barrier()  # the last checkpoint exists before any process returns its path
+        train_epochs(run, args, RunLog(log_dst), checkpoint)
     last = save_path / "last.pth"
     print_rank_zero(f"done: {last}")
     return last
+
+
+def record_check(checked: Checked, save_path: Path, args: argparse.Namespace) -> SkipLog | None:
+    """Report what the check left out (listed in skipped_files.txt under --skip_bad_files,
+    which also lists what fails later) and keep a patch-file verdict for the next start."""
+    skipped = SkipLog(save_path / "skipped_files.txt") if args.skip_bad_files else None
+    if is_main():
+        checked.report(skipped.path if skipped else None)
+        if checked.key is not None:  # a check of patch files: the next start of this run reuses it
+            remember_check(save_path / CHECK_CACHE, checked)
+    return skipped
+
+
+def train_epochs(run: Run, args: argparse.Namespace, log: RunLog, checkpoint: dict | None) -> None:
+    """The epochs left to train, each ended by :func:`finish_epoch`."""
+    if checkpoint is not None:
+        log.restore_row(checkpoint)
+    announce(run, args)
+    for epoch in range(run.start_epoch, args.epochs):
+        started = time.time()
+        record = train_one_epoch(run, epoch, args, log)
+        finish_epoch(run, epoch, record, time.time() - started, args, log)
+    log.close()
+    barrier()  # the last checkpoint exists before any process returns its path
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,13 +1,20 @@
 """Encode every patch of every slide with a pretrained checkpoint: one HDF5 bag per slide.
 
     python -m mil.compute_feats --checkpoint runs/clusiam/last.pth --patches PATCH_ROOT --out feats/
+    python -m mil.compute_feats --checkpoint runs/clusiam/last.pth --job JOB --out feats/ [--pt_files]
+    python -m mil.compute_feats --checkpoint runs/clusiam/last.pth --coords DIR --slides DIR --out feats/
 
 A slide is a folder holding patch images (``PATCH_ROOT/<class>/<slide>/`` or
-``PATCH_ROOT/<slide>/``). Each ``<out>/<slide>.h5`` holds ``features`` (N, D) float32,
-``paths`` (N,) relative to PATCH_ROOT, ``coords`` (N, 2) when every patch is named
-``<x>_<y>.<ext>`` (the tiler's names), and attributes naming the checkpoint, feature
+``PATCH_ROOT/<slide>/``), or a slide file whose patches a coordinate file lists (a tiling
+job, or TRIDENT's / CLAM's ``<slide>.h5`` beside a folder of slides), read without writing
+any patch. Each ``<out>/<slide>.h5`` holds ``features`` (N, D) float32, ``coords`` (N, 2):
+from slides, the coordinate file's corners with its attributes copied (as TRIDENT's feature
+files do); from files, when every patch is named ``<x>_<y>.<ext>`` (the tiler's names),
+beside ``paths`` (N,) relative to PATCH_ROOT; and attributes naming the checkpoint, feature
 type, resize and precision. Finished slides are skipped on a rerun that would encode them
-the same way; a bag made differently is encoded again.
+the same way; a bag made differently is encoded again. ``--pt_files`` also writes CLAM's
+``<out>/pt_files/<slide>.pt`` (a float tensor (N, D)), from the bag, so bags already there
+are not encoded again for it.
 
 Under torchrun (``torchrun --nproc_per_node 8 -m mil.compute_feats ...``) each process
 encodes its share of the slides.
@@ -18,6 +25,7 @@ import argparse
 import re
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
@@ -27,20 +35,27 @@ from tqdm import tqdm
 
 from clusiam.checkpoint import load_pretrained
 from clusiam.distributed import add_dist_timeout, barrier, is_main, main_computes, processes, shard
-from clusiam.errors import CommandParser, DataError, InRange, run_command
+from clusiam.errors import CommandParser, ConfigError, DataError, InRange, run_command
 from clusiam.features import FEATURE_TYPES, encode, feature_extractor, precision
-from clusiam.files import check_output_folder, file_digest, make_folder, write_atomically
+from clusiam.files import check_output_folder, file_digest, file_list_key, make_folder, write_atomically
 from clusiam.images import find_images
+from clusiam.slide_source import Pair, SlideSource, add_slide_options, slide_pairs
+from clusiam.sources import FolderSource, PatchSource
 from clusiam.tables import read_table
 
 COORDINATE_NAME = re.compile(r"^(\d+)_(\d+)$")
-ENCODING_ATTRIBUTES = ("checkpoint_sha256", "feature", "resize", "precision")  # what decides a bag's features
+# How a bag's features are computed: every bag of one MIL set must agree on these.
+ENCODING_ATTRIBUTES = ("checkpoint_sha256", "feature", "resize", "precision")
+# Which patches a bag holds (a key of their files, or of the slide, its coordinates and how they
+# are read): with the above, what a rerun compares, so that a slide tiled again is encoded again.
+PATCHES_KEY = "patches_key"
+PT_FOLDER = "pt_files"  # CLAM's name for the folder of <slide>.pt feature tensors
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = CommandParser(prog="python -m mil.compute_feats", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--patches", required=True, help="root of the slide folders")
+    parser.add_argument("--patches", default=None, help="root of the slide folders of patch files")
     parser.add_argument("--out", required=True, help="folder for the <slide>.h5 bags")
     parser.add_argument("--labels", default=None,
                         help="slides.csv (slide, label): slides listed there without patches are reported")
@@ -49,10 +64,61 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_workers", type=int, default=8, action=InRange, at_least=0,
                         help="data loading processes (0 = in the main process)")
     parser.add_argument("--resize", type=int, default=None, action=InRange, at_least=1,
-                        help="bring every patch to N x N pixels first")
+                        help="bring every patch to N x N pixels first (patches from slides are read so)")
+    parser.add_argument("--pt_files", action="store_true",
+                        help=f"also write CLAM's OUT/{PT_FOLDER}/<slide>.pt (float tensor N x D)")
     parser.add_argument("--device", default="auto")
+    add_slide_options(parser, "instead of --patches: one bag per slide of the coordinate files")
     add_dist_timeout(parser, "the others finishing their slides")
     return parser
+
+
+@dataclass
+class SlideInput:
+    """One slide's patches (``indices`` of ``source``, which may hold other slides' too), and
+    what its bag records about them beside the features."""
+
+    source: PatchSource
+    indices: range
+    coords: np.ndarray | None = None  # (N, 2) level-0 corners, where known
+    coords_attributes: dict = field(default_factory=dict)  # the coordinate file's, copied onto the bag's coords
+    paths: list[str] | None = None  # patch files, relative to --patches
+    key: str = ""  # a key of exactly these patches (the bag's PATCHES_KEY)
+
+
+def read_inputs(args: argparse.Namespace) -> dict[str, SlideInput]:
+    """The slides to encode, by name: folders of patch files (``--patches``) or slides with
+    coordinate files (``--job``, ``--coords --slides``)."""
+    if bool(args.patches) == bool(args.job or args.coords or args.slides):
+        raise ConfigError("pass one of --patches PATCH_ROOT (patch files), --job JOB or --coords DIR --slides DIR "
+                          "(patches read from slides)")
+    pairs = slide_pairs(args)
+    return file_inputs(Path(args.patches)) if pairs is None else slide_inputs(pairs, args.resize)
+
+
+def file_inputs(root: Path) -> dict[str, SlideInput]:
+    """Each slide folder's patch files, with corners where their names give them."""
+    return {name: SlideInput(FolderSource(files), range(len(files)), coordinates(files),
+                             paths=[str(p.relative_to(root)) for p in files], key=file_list_key(files))
+            for name, files in slide_patches(root).items()}
+
+
+def slide_inputs(pairs: dict[str, Pair], size: int | None) -> dict[str, SlideInput]:
+    """Each slide's patches, checked by :meth:`SlideSource.checked` and read at ``size`` pixels
+    (default: the coordinate files'). All slides share one source, which keeps only a few
+    slides open however many there are."""
+    source, _ = SlideSource.checked(list(pairs.values()), size)
+    return {name: SlideInput(source, range(start, end), entry.coords, coordinate_file_attributes(coords),
+                             key=entry.key())
+            for (name, (_, coords)), entry, start, end in zip(pairs.items(), source.entries, source.offsets,
+                                                              source.offsets[1:])}
+
+
+def coordinate_file_attributes(path: Path) -> dict:
+    """The attributes of a coordinate file's ``coords``, which a bag's ``coords`` carries on
+    (as TRIDENT's feature files do), so a reader of the bag knows what a patch covers."""
+    with h5py.File(path, "r") as handle:
+        return dict(handle["coords"].attrs)
 
 
 def slide_patches(root: Path) -> dict[str, list[Path]]:
@@ -85,69 +151,99 @@ def bag_encoding(handle: h5py.File) -> tuple:
     return tuple(handle.attrs.get(name) for name in ENCODING_ATTRIBUTES)
 
 
-def is_done(path: Path, encoding: tuple) -> bool:
-    """Whether ``path`` is a whole bag made the way ``encoding`` (see :func:`bag_encoding`) says."""
+def is_done(path: Path, encoding: tuple, patches_key: str) -> bool:
+    """Whether ``path`` is a whole bag of these patches made the way ``encoding`` (see
+    :func:`bag_encoding`) says."""
     if not path.is_file():
         return False
     try:
         with h5py.File(path, "r") as handle:
-            return bag_encoding(handle) == encoding
+            return bag_encoding(handle) == encoding and handle.attrs.get(PATCHES_KEY) == patches_key
     except OSError:  # a file cut short by a crash: redo it
         return False
 
 
-def write_bag(path: Path, features: np.ndarray, files: Sequence[Path], root: Path, attributes: dict) -> None:
+def write_bag(path: Path, features: np.ndarray, slide: SlideInput, attributes: dict) -> None:
     """Write one slide's bag atomically."""
 
     def write(temporary: Path) -> None:
         with h5py.File(temporary, "w") as handle:
             handle["features"] = features.astype(np.float32)
-            handle["paths"] = [str(p.relative_to(root)) for p in files]
-            coords = coordinates(files)
-            if coords is not None:
-                handle["coords"] = coords
+            if slide.paths is not None:
+                handle["paths"] = slide.paths
+            if slide.coords is not None:
+                handle["coords"] = slide.coords
+                handle["coords"].attrs.update(slide.coords_attributes)
             handle.attrs.update(attributes)
 
     write_atomically(path, write)
 
 
+def write_pt_files(out: Path, slides: Sequence[str]) -> int:
+    """CLAM's ``pt_files/<slide>.pt`` of every bag whose tensor is missing or older than the
+    bag (made before the bag was encoded again), each process its share; how many were written."""
+    bags = {slide: out / f"{slide}.h5" for slide in slides}
+    tensors = {slide: out / PT_FOLDER / f"{slide}.pt" for slide in slides}
+    stale = main_computes(lambda: [s for s in slides if not tensors[s].is_file()
+                                   or tensors[s].stat().st_mtime_ns < bags[s].stat().st_mtime_ns])
+    for slide in shard(stale):
+        write_pt(bags[slide], tensors[slide])
+    barrier()
+    return len(stale)
+
+
+def write_pt(bag: Path, path: Path) -> None:
+    """A bag's features as a plain float32 tensor (N, D), which ``torch.load(weights_only=True)`` reads."""
+    with h5py.File(bag, "r") as handle:
+        features = torch.from_numpy(handle["features"][:])
+    write_atomically(path, lambda temporary: torch.save(features, temporary))
+
+
 def compute(args: argparse.Namespace) -> dict[str, int]:
-    """Write every missing bag; return how many slides were encoded, skipped and missing."""
+    """Write every missing bag (and with ``--pt_files`` tensor); return how many slides were
+    encoded, skipped and missing, and how many tensors were written."""
     check_output_folder(args.out, "--out")  # before any work: bags that cannot be written are refused now
     with processes(args.device, args.dist_timeout) as device:
         return compute_on(device, args)
 
 
 def compute_on(device: torch.device, args: argparse.Namespace) -> dict[str, int]:
-    root, out = Path(args.patches), Path(args.out)
+    out = Path(args.out)
+    slides = read_inputs(args)
     model, state = load_pretrained(args.checkpoint)
     encoder = feature_extractor(model, args.feature)
     # HDF5 attributes cannot hold None, so no resize is stored as 0.
     encoding = (file_digest(Path(args.checkpoint)), args.feature, args.resize or 0, precision(device))
     attributes = {**dict(zip(ENCODING_ATTRIBUTES, encoding)), "checkpoint": str(args.checkpoint),
                   "model_type": state["config"]["model_type"], "backbone": state["config"]["backbone"]}
-    slides = slide_patches(root)
     missing = sorted(set(read_table(args.labels, ("slide", "label"))) - set(slides)) if args.labels else []
     make_folder(out, "--out")
     # Rank 0 decides what is left, so that no process sees a bag another has just written.
-    pending = main_computes(lambda: [s for s in slides if not is_done(out / f"{s}.h5", encoding)])
+    pending = main_computes(lambda: [s for s in slides if not is_done(out / f"{s}.h5", encoding, slides[s].key)])
     mean, std = state["normalization"]["mean"], state["normalization"]["std"]
-    mine = shard(pending, sizes=[len(slides[s]) for s in pending])
+    mine = shard(pending, sizes=[len(slides[s].indices) for s in pending])
     for slide in tqdm(mine, desc="slides", unit="slide", disable=not is_main()):
-        features = encode(encoder, slides[slide], mean, std, device, batch_size=args.batch_size,
-                          num_workers=args.num_workers, resize=args.resize, desc=slide)
-        write_bag(out / f"{slide}.h5", features, slides[slide], root, attributes)
+        features = encode(encoder, slides[slide].source, mean, std, device, batch_size=args.batch_size,
+                          num_workers=args.num_workers, resize=args.resize, desc=slide, indices=slides[slide].indices)
+        write_bag(out / f"{slide}.h5", features, slides[slide], {**attributes, PATCHES_KEY: slides[slide].key})
     barrier()
-    summary = {"encoded": len(pending), "already_done": len(slides) - len(pending), "without_patches": len(missing)}
-    if not is_main():
-        return summary
-    print(f"{summary['encoded']} slides encoded, {summary['already_done']} already done, into {out}")
+    summary = {"encoded": len(pending), "already_done": len(slides) - len(pending), "without_patches": len(missing),
+               "pt_files": write_pt_files(out, list(slides)) if args.pt_files else 0}
+    if is_main():
+        report(summary, out, missing, args)
+    return summary
+
+
+def report(summary: dict[str, int], out: Path, missing: Sequence[str], args: argparse.Namespace) -> None:
+    """Say what was done, and list the labelled slides that have no patches."""
+    pt_files = f"; {summary['pt_files']} {PT_FOLDER} written" if args.pt_files else ""
+    print(f"{summary['encoded']} slides encoded, {summary['already_done']} already done, into {out}{pt_files}")
     if missing:
         listing = out / "slides_without_patches.txt"
         listing.write_text("".join(f"{s}\n" for s in missing))
-        print(f"warning: {len(missing)} labelled slide(s) have no patches under {root} (listed in {listing}), "
+        where = args.patches or args.job or args.coords
+        print(f"warning: {len(missing)} labelled slide(s) have no patches under {where} (listed in {listing}), "
               f"e.g. {missing[0]}")
-    return summary
 
 
 def main(argv: Sequence[str] | None = None) -> int:

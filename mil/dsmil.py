@@ -1,6 +1,7 @@
 """DSMIL (Li, Li & Eliceiri, "Dual-stream Multiple Instance Learning Network for Whole Slide
-Image Classification with Self-supervised Contrastive Learning", CVPR 2021), and the
-max-pooling and mean-pooling baselines, all with one interface:
+Image Classification with Self-supervised Contrastive Learning", CVPR 2021), gated attention
+MIL (Ilse, Tomczak & Welling, "Attention-based Deep Multiple Instance Learning", ICML 2018),
+and the max-pooling and mean-pooling baselines, all with one interface:
 
     instance_logits (N, C), bag_logits (C,), attention (N, C) = model(features (N, D))
 
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 QUERY_DIM = 128
+ATTENTION_DIM = 128  # ABMIL's hidden size D
 
 
 def orthogonal_init(module: nn.Module) -> None:
@@ -87,4 +89,35 @@ class MeanPooling(nn.Module):
         return instance_logits, self.classifier(features.mean(0)), attention
 
 
-AGGREGATORS = {"dsmil": DSMIL, "max": MaxPooling, "mean": MeanPooling}
+class ABMIL(nn.Module):
+    """Gated attention MIL (Ilse et al. 2018, eq. 9): one attention weight per patch,
+
+        a_k = softmax_k( w^T (tanh(V h_k) * sigmoid(U h_k)) ),   z = sum_k a_k h_k,
+
+    and a linear classifier on z. The paper's L = 500 was the width of its own embedding;
+    here h_k is the frozen patch feature itself, and its D = 128 is the attention's hidden
+    size. One attention branch serves all the classes (the paper's single-branch form)."""
+
+    dual_stream = False
+
+    def __init__(self, feature_dim: int, num_classes: int) -> None:
+        super().__init__()
+        # No biases in V, U, w, as in eq. 9 (a bias in w would cancel in the softmax anyway).
+        self.V = nn.Linear(feature_dim, ATTENTION_DIM, bias=False)
+        self.U = nn.Linear(feature_dim, ATTENTION_DIM, bias=False)
+        self.w = nn.Linear(ATTENTION_DIM, 1, bias=False)
+        self.classifier = nn.Linear(feature_dim, num_classes)
+        # As the other aggregators, so that a comparison differs only in how patches are pooled.
+        orthogonal_init(self)
+
+    def forward(self, features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        gated = torch.tanh(self.V(features)) * torch.sigmoid(self.U(features))  # (N, 128)
+        weights = torch.softmax(self.w(gated), dim=0)  # (N, 1), sums to 1 over the patches
+        bag_logits = self.classifier(weights.T @ features).flatten()  # (C,)
+        # An explanation only: the classifier is linear, so the bag logit is the
+        # attention-weighted sum of these.
+        instance_logits = self.classifier(features)  # (N, C)
+        return instance_logits, bag_logits, weights.repeat(1, bag_logits.numel())  # the one attention, per class
+
+
+AGGREGATORS = {"dsmil": DSMIL, "abmil": ABMIL, "max": MaxPooling, "mean": MeanPooling}

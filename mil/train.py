@@ -1,4 +1,4 @@
-"""Slide classification on frozen patch features with DSMIL (or a pooling baseline), under
+"""Slide classification on frozen patch features with DSMIL (or ABMIL, or a pooling baseline), under
 a protocol that does not leak: the best epoch and the decision thresholds come from the
 validation slides; the test slides are scored once, after training (before it, their bags
 are only checked: present, made alike, finite).

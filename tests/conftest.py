@@ -39,3 +39,26 @@ def tiny_checkpoint(tiny_demo, tmp_path_factory) -> Path:
     from clusiam.train import train
 
     return train(parse_config(tiny_run_args(tiny_demo, tmp_path_factory.mktemp("run"), "--epochs", "1")))
+
+
+def write_pyramid(path: Path, image, mpp: float, downsamples: tuple[int, ...] = (1, 2, 4),
+                  magnification: float | None = None, tile: int = 64) -> Path:
+    """A tiled, JPEG-compressed pyramidal TIFF of ``image`` (H, W, 3 uint8) at ``mpp`` um/px on
+    level 0, one level per downsample (Aperio's description, so tiffslide reads the resolution
+    and the objective power); the tests' many-slide stand-in for a scanner file."""
+    import numpy as np
+    import tifffile
+    from PIL import Image
+
+    image = np.asarray(image, dtype=np.uint8)
+    height, width = image.shape[:2]
+    description = f"Aperio Image Library clusiam tests\r\n{width}x{height} ({tile}x{tile}) JPEG/RGB Q=90|MPP = {mpp}"
+    if magnification:
+        description += f"|AppMag = {magnification:g}"
+    with tifffile.TiffWriter(path) as writer:
+        for index, factor in enumerate(downsamples):
+            level = image if factor == 1 else np.asarray(
+                Image.fromarray(image).resize((width // factor, height // factor), Image.LANCZOS))
+            writer.write(level, tile=(tile, tile), compression="jpeg", photometric="rgb",
+                         description=description if index == 0 else None, subfiletype=0 if index == 0 else 1)
+    return path

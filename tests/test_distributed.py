@@ -29,6 +29,7 @@ from clusiam.train import train
 from conftest import epochs_csv, tiny_run_args
 from distributed_workers import WORLD, collectives_worker, one_step, one_step_worker, spawn
 from mil.compute_feats import main as compute_feats
+from test_slide_source import write_job
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -128,6 +129,19 @@ def test_torchrun_trains_writes_once_and_resumes_on_any_number_of_processes(tiny
     assert "at epoch 1, step 4" in two
     d = load_checkpoint(tmp_path / "d" / "last.pth")
     assert (d["epoch"], d["step"], d["config"]["world_size"]) == (2, 8, 2)
+
+
+def test_torchrun_trains_on_slides_with_the_check_and_its_listing_done_once(tmp_path):
+    job = write_job(tmp_path / "job", names=("a", "b", "gone"))
+    gone = tmp_path / "job_slides" / "gone.tif"
+    gone.unlink()
+    output = finish(torchrun(*pretrain_args(job, tmp_path / "run", "--epochs", "1", "--skip_bad_files")))
+    assert output.count("skipped 1 of 3 files that cannot be used") == 1
+    assert "2 processes (cpu), 8 images each" in output and output.count("done:") == 1
+    checkpoint = load_checkpoint(tmp_path / "run" / "last.pth")
+    assert (checkpoint["epoch"], checkpoint["step"], checkpoint["config"]["world_size"]) == (1, 2, 2)
+    listing = (tmp_path / "run" / "skipped_files.txt").read_text().splitlines()
+    assert len(listing) == 1 and listing[0].startswith(f"{gone}\t")
 
 
 def worker_pid(launcher: subprocess.Popen, worker_rank: int) -> int | None:

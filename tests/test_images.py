@@ -1,4 +1,5 @@
 import io
+import os
 import struct
 import zlib
 
@@ -7,7 +8,7 @@ import pytest
 from PIL import Image
 
 from clusiam.errors import DataError
-from clusiam.images import check_images, find_images, load_rgb
+from clusiam.images import IMAGE_EXTENSIONS, check_images, find_images, load_rgb, remember_check
 from clusiam.sources import FolderSource, channel_statistics
 from clusiam.train import main
 from conftest import tiny_run_args
@@ -40,6 +41,17 @@ def test_images_are_found_at_any_depth_including_the_authors_layout(tmp_path):
              save_png(tmp_path / "x" / "y" / "z" / "w" / "deep.PNG")]
     (tmp_path / "tumor" / "slide_1" / "coords.h5").write_bytes(b"not an image")
     assert find_images(tmp_path, "DATA_DIR") == sorted(paths)
+
+
+def test_the_listing_keeps_sorted_path_order_and_linked_files_but_not_linked_folders(tmp_path):
+    names = ["a/b/1.png", "a-b/1.png", "a.b.png", "a/B.PNG", "a b/1.jpeg", "z/deep/er/2.tif"]
+    paths = [save_png(tmp_path / name, size=8) for name in names]
+    (tmp_path / "linked.png").symlink_to(paths[0])
+    (tmp_path / "a" / "folder_link").symlink_to(tmp_path / "z", target_is_directory=True)
+    expected = sorted([*paths, tmp_path / "linked.png"])
+    assert find_images(tmp_path, "DATA_DIR") == expected
+    assert [path for path in sorted(tmp_path.rglob("*")) if path.suffix.lower() in IMAGE_EXTENSIONS
+            and path.is_file()] == expected  # what the listing did before, with Path.rglob
 
 
 def write_bad(tmp_path, kind):
@@ -115,12 +127,6 @@ def test_images_are_read_as_rgb(tmp_path, mode):
     if mode == "L":
         rgb = np.asarray(image)
         assert (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()
-
-
-
-
-
-
 
 
 def test_batched_augmentation_needs_patches_of_one_size(tmp_path):
@@ -223,3 +229,42 @@ def test_a_file_damaged_in_the_middle_is_found_by_the_check(tmp_path, corrupt):
         check_images(find_images(tmp_path, "DATA_DIR"), 32, skip_bad_files=False)
     checked = check_images(find_images(tmp_path, "DATA_DIR"), 32, skip_bad_files=True)
     assert checked.good == good and [path for path, _ in checked.bad] == [bad]
+
+
+def flip_middle_bytes_keeping_size_and_time(path):
+    """Damage ``path`` in the middle, then give it back its modification time: its size and
+    time (all a file-list key sees) are unchanged, only a check that opens it can tell."""
+    status = path.stat()
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 8] = bytes(byte ^ 0xFF for byte in data[middle : middle + 8])
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(status.st_atime_ns, status.st_mtime_ns))
+
+
+def test_a_second_check_of_unchanged_files_reuses_the_verdict_without_opening_them(tmp_path, capsys):
+    good = [save_png(tmp_path / "a" / f"{i}.png", seed=i) for i in range(6)]
+    small = save_png(tmp_path / "a" / "small.png", size=20)
+    files = find_images(tmp_path, "DATA_DIR")
+    cache = tmp_path / "run" / "checked_files.json"
+    first = check_images(files, 32, skip_bad_files=True, same_size=True, cache=cache)
+    assert first.good == good and [path for path, _ in first.bad] == [small] and not cache.exists()  # only read
+    remember_check(cache, first)
+
+    flip_middle_bytes_keeping_size_and_time(good[2])
+    assert [path for path, _ in check_images(files, 32, skip_bad_files=True).bad] == [good[2], small]  # it shows
+    assert check_images(files, 32, skip_bad_files=True, same_size=True, cache=cache) == first  # not opened
+    assert "reusing the check of 7 unchanged files" in capsys.readouterr().out
+
+    os.utime(good[2])  # a new modification time: checked again
+    again = check_images(files, 32, True, same_size=True, cache=cache)
+    assert [path for path, _ in again.bad] == [good[2], small]
+    remember_check(cache, again)
+    assert check_images(files, 32, True, same_size=True, cache=cache) == again
+    assert "reusing the check of 7 unchanged files" in capsys.readouterr().out
+    added = save_png(tmp_path / "b" / "new.png", seed=9)
+    assert added in check_images(find_images(tmp_path, "DATA_DIR"), 32, True, same_size=True, cache=cache).good
+    assert small in check_images(find_images(tmp_path, "DATA_DIR"), 16, True, cache=cache).good  # other options
+    assert "reusing" not in capsys.readouterr().out
+    cache.write_text('{"key": ')  # cut short: checked again, not an error
+    assert small not in check_images(find_images(tmp_path, "DATA_DIR"), 32, True, cache=cache).good

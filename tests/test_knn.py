@@ -1,5 +1,6 @@
 import csv
 import json
+import shutil
 import warnings
 
 import numpy as np
@@ -17,9 +18,12 @@ from clusiam.features import cached_encode, feature_extractor
 from clusiam.knn import l2_normalize, search, vote
 from clusiam.knn_eval import main
 from clusiam.metrics import absent_class_warnings, classification_metrics, write_per_slide_accuracy
+from clusiam.sources import FolderSource
 from clusiam.splits import LabelledPatches, read_labelled_patches, split_overlap
+from clusiam.tables import write_csv
 from clusiam.train import train
 from conftest import tiny_run_args
+from test_features import slide_setup
 
 CLASSES = ["normal", "other", "tumor"]
 
@@ -102,7 +106,8 @@ def test_labels_come_from_the_folder_layout_or_a_csv(tmp_path):
     a = write_patch(tmp_path / "tumor" / "slide_a" / "0_0.png", 1)
     b = write_patch(tmp_path / "normal" / "slide_b" / "0_32.png", 2)
     patches = read_labelled_patches(tmp_path)
-    assert (patches.paths, patches.labels, patches.slides) == ([b, a], ["normal", "tumor"], ["slide_b", "slide_a"])
+    assert (patches.source.files, patches.labels, patches.slides) == ([b, a], ["normal", "tumor"],
+                                                                      ["slide_b", "slide_a"])
     listing = tmp_path / "labels.csv"
     listing.write_text("path,label,slide\ntumor/slide_a/0_0.png,normal ,s1 \n")
     listed = read_labelled_patches(listing)
@@ -116,17 +121,17 @@ def test_labels_come_from_the_folder_layout_or_a_csv(tmp_path):
 
 
 def test_the_leakage_guard_finds_shared_slides_and_identical_files(tmp_path):
-    train = LabelledPatches([write_patch(tmp_path / "tr" / f"{i}.png", i) for i in range(3)], ["a"] * 3,
-                            ["s1", "s1", "s2"])
-    clean = LabelledPatches([write_patch(tmp_path / "te" / f"{i}.png", 10 + i) for i in range(2)], ["a"] * 2,
-                            ["s3", "s4"])
+    train_files = [write_patch(tmp_path / "tr" / f"{i}.png", i) for i in range(3)]
+    test_files = [write_patch(tmp_path / "te" / f"{i}.png", 10 + i) for i in range(2)]
+    train = LabelledPatches(FolderSource(train_files), ["a"] * 3, ["s1", "s1", "s2"])
+    clean = LabelledPatches(FolderSource(test_files), ["a"] * 2, ["s3", "s4"])
     assert split_overlap(train, clean) == []
-    shared = LabelledPatches(clean.paths, clean.labels, ["s2", "s4"])
+    shared = LabelledPatches(clean.source, clean.labels, ["s2", "s4"])
     assert split_overlap(train, shared) == ["1 slide(s) are in both train and test, e.g. s2"]
     copy = tmp_path / "te" / "copy.png"
-    copy.write_bytes(train.paths[1].read_bytes())
-    problems = split_overlap(train, LabelledPatches(clean.paths + [copy], ["a"] * 3, ["s3", "s4", "s5"]))
-    assert problems == [f"1 test file(s) are identical to training files, e.g. {copy} = {train.paths[1]}"]
+    copy.write_bytes(train_files[1].read_bytes())
+    problems = split_overlap(train, LabelledPatches(FolderSource([*test_files, copy]), ["a"] * 3, ["s3", "s4", "s5"]))
+    assert problems == [f"1 test file(s) are identical to training files, e.g. {copy} = {train_files[1]}"]
 
 
 def test_feature_cache_is_reused_and_invalidated(tiny_demo, tiny_checkpoint, tmp_path):
@@ -296,3 +301,51 @@ def test_an_out_folder_that_is_a_file_or_lies_under_one_is_refused_before_any_wo
     assert main([*args, "--out", str(tmp_path / "r"), "--cache_dir", str(blocker)]) == 2
     assert f"error: --cache_dir {blocker} is a file, not a folder" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.md"]
+
+
+def test_tables_of_slide_corners_score_as_the_same_patches_written_as_files(tiny_checkpoint, tmp_path):
+    setup = slide_setup(tmp_path)
+    tables = tmp_path / "tables"  # the job's tables, away from the job: the job is named by --job or --coords
+    tables.mkdir()
+    for split in ("train", "test"):
+        shutil.copy(setup.job / f"{split}.csv", tables)
+    common = ["--checkpoint", str(tiny_checkpoint), "--device", "cpu", "--num_workers", "0", "--batch_size", "3",
+              "--no_baselines", "--k", "1", "3"]
+
+    def scores(name, folder, *where):
+        out = tmp_path / name
+        assert main([*common, "--train", str(folder / "train.csv"), "--test", str(folder / "test.csv"),
+                     "--out", str(out), *where]) == 0
+        rows = json.loads((out / "report.json").read_text())["rows"]
+        return [{key: row[key] for key in ("k", "f1", "macro_f1", "accuracy", "confusion_matrix", "train_patches",
+                                           "test_slides")} for row in rows]
+
+    expected = scores("files", setup.patches)
+    assert [row["train_patches"] for row in expected] == [8, 8]
+    assert scores("job_folder", setup.job) == expected  # a table in a tiling job reads the job's slides
+    assert scores("job", tables, "--job", str(setup.job)) == expected
+    assert scores("coords", tables, "--coords", str(setup.coords), "--slides", str(setup.slides)) == expected
+
+
+def test_a_table_naming_an_unknown_slide_or_an_unlisted_corner_is_refused(tiny_checkpoint, tmp_path, capsys):
+    setup = slide_setup(tmp_path)
+    bad = setup.job / "bad.csv"
+    header = ("slide", "x", "y", "label", "path")
+
+    def refusal(*where, train=bad):
+        assert main(["--checkpoint", str(tiny_checkpoint), "--train", str(train), "--test",
+                     str(setup.job / "test.csv"), "--out", str(tmp_path / "r"), "--device", "cpu", *where]) == 2
+        return capsys.readouterr().out
+
+    write_csv(bad, header, [("normal_a", 0, 0, "normal", ""), ("ghost", 0, 0, "tumor", "")])
+    assert (f"error: {bad}: 1 slide(s) have no coordinate file (e.g. ghost; the 4 known include normal_a, "
+            "normal_b, tumor_a)") in refusal()
+    write_csv(bad, header, [("normal_a", 0, 0, "normal", ""), ("normal_a", 32, 0, "normal", "")])
+    assert (f"error: {bad}: 1 row(s) name patches that {setup.coords / 'normal_a.h5'} does not list (e.g. x 32, "
+            "y 0)") in refusal()
+    outside = tmp_path / "train.csv"
+    shutil.copy(setup.job / "train.csv", outside)
+    assert f"{tmp_path} is not a tiling job (no job.json): pass --job JOB" in refusal(train=outside)
+    assert "--job brings its own coordinates and slides" in refusal("--job", str(setup.job), "--coords", "c")
+    assert "--coords and --slides go together" in refusal("--coords", str(setup.coords))
+    assert not (tmp_path / "r").exists()

@@ -1,6 +1,7 @@
 import csv
 import json
 import math
+import shutil
 
 import h5py
 import numpy as np
@@ -10,9 +11,10 @@ from PIL import Image
 
 from clusiam.tables import write_csv
 from mil.compute_feats import main as compute_main
-from mil.dsmil import DSMIL, QUERY_DIM, MaxPooling, MeanPooling
+from mil.dsmil import ABMIL, DSMIL, QUERY_DIM, MaxPooling, MeanPooling
 from mil.train import Bag, bag_loss, score
 from mil.train import main as train_main
+from test_features import SLIDES, slide_setup
 
 
 def test_dsmil_forward_is_the_papers_formula():
@@ -127,6 +129,64 @@ def test_dsmil_finds_the_few_positive_instances_without_touching_test_early(tmp_
         assert handle[slide]["attention"].shape == (50, 2) and handle[slide]["coords"].shape == (50, 2)
         assert np.allclose(handle[slide]["attention"][:].sum(0), 1.0, atol=1e-5)
     assert (out / "roc.png").stat().st_size > 0 and "test_auc_tumor" in (out / "report.md").read_text()
+
+
+
+def test_abmil_forward_is_the_papers_gated_attention_and_has_one_output_to_train():
+    torch.manual_seed(0)
+    model = ABMIL(feature_dim=16, num_classes=2)
+    with torch.no_grad():
+        model.classifier.bias.normal_()  # zero at init; made nonzero so that the check below covers it
+    h = torch.randn(7, 16)
+    instance_logits, bag_logits, attention = model(h)
+
+    V, U, w = model.V.weight, model.U.weight, model.w.weight[0]  # (128, 16), (128, 16), (128,)
+    scores = torch.stack([w @ (torch.tanh(V @ h_k) * torch.sigmoid(U @ h_k)) for h_k in h])
+    a = torch.exp(scores) / torch.exp(scores).sum()
+    z = (a[:, None] * h).sum(0)
+    W, b = model.classifier.weight, model.classifier.bias
+    assert attention.shape == (7, 2)
+    assert torch.allclose(attention, torch.stack([a, a], 1), atol=1e-6)  # one branch, repeated per class
+    assert torch.allclose(attention.sum(0), torch.ones(2), atol=1e-6)
+    assert torch.allclose(bag_logits, W @ z + b, atol=1e-6)
+    assert torch.allclose(instance_logits, h @ W.T + b, atol=1e-6)
+    assert torch.allclose(a @ instance_logits, bag_logits, atol=1e-6)  # what the instance logits explain
+
+    bag, target = Bag("s", "tumor", h, None), torch.tensor([0.0, 1.0])
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    assert not model.dual_stream
+    assert torch.allclose(bag_loss(model, bag, target), bce(bag_logits, target), atol=1e-6)
+    np.testing.assert_allclose(score(model, bag, average=True)[0], torch.sigmoid(bag_logits).detach().numpy(),
+                               atol=1e-6)
+
+
+def test_abmil_bag_logits_do_not_depend_on_the_order_of_the_patches():
+    torch.manual_seed(0)
+    model = ABMIL(feature_dim=16, num_classes=2)
+    h, order = torch.randn(20, 16), torch.randperm(20)
+    instance_logits, bag_logits, attention = model(h)
+    shuffled_instances, shuffled_bag, shuffled_attention = model(h[order])
+    assert torch.allclose(shuffled_bag, bag_logits, atol=1e-6)
+    assert torch.allclose(shuffled_attention, attention[order], atol=1e-6)
+    assert torch.allclose(shuffled_instances, instance_logits[order], atol=1e-6)
+
+
+def test_abmil_goes_through_the_protocol_and_finds_the_positive_bags(tmp_path):
+    labels = write_bags(tmp_path / "feats")
+    write_labels(tmp_path / "slides.csv", labels)
+    # ABMIL starts from near-uniform attention, i.e. from mean pooling, which sees 4 shifted patches in 50; at the
+    # protocol's lr 2e-4 it takes about 30 epochs to find them, at 1e-3 about 10.
+    report, out = run_mil(tmp_path, tmp_path / "feats", tmp_path / "slides.csv", "abmil", "--aggregator", "abmil",
+                          "--epochs", "10", "--lr", "1e-3")
+    run = report["runs"][0]
+    assert run["test_auc_tumor"] >= 0.85 and run["test_auc_normal"] >= 0.85  # chance is 0.5
+    assert "# Slide classification (abmil)" in (out / "report.md").read_text()
+    assert (out / "roc.png").stat().st_size > 0
+    with h5py.File(out / "attention" / "seed0_fold0.h5") as handle:
+        assert len(handle) == 16
+        attention = handle[sorted(handle)[0]]["attention"][:]
+        assert attention.shape == (50, 2) and np.allclose(attention[:, 0], attention[:, 1])
+        assert np.allclose(attention.sum(0), 1.0, atol=1e-5)
 
 
 def test_one_sigmoid_output_scores_only_the_positive_class(tmp_path):
@@ -316,3 +376,66 @@ def test_an_out_folder_that_is_a_file_or_lies_under_one_is_refused_before_any_wo
         assert capsys.readouterr().out == (f"error: --out {blocker / 'out'} cannot be created: {blocker} is a file, "
                                            "not a folder\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["feats", "results.txt", "slides.csv"]
+
+
+def same_attributes(a, b):
+    return sorted(a) == sorted(b) and all(np.array_equal(a[key], b[key]) for key in a)
+
+
+def test_compute_feats_from_slides_writes_the_bags_of_the_same_patches_as_files(tiny_checkpoint, tmp_path, capsys):
+    setup = slide_setup(tmp_path)
+    common = ["--checkpoint", str(tiny_checkpoint), "--device", "cpu", "--num_workers", "0", "--batch_size", "3"]
+    files, job, coords = tmp_path / "from_files", tmp_path / "from_job", tmp_path / "from_coords"
+    assert compute_main([*common, "--patches", str(setup.patches), "--out", str(files)]) == 0
+    job_args = [*common, "--job", str(setup.job), "--out", str(job), "--pt_files"]
+    assert compute_main(job_args) == 0
+    assert f"4 slides encoded, 0 already done, into {job}; 4 pt_files written" in capsys.readouterr().out
+    trident = tmp_path / "trident"  # TRIDENT's names: <slide>_patches.h5; the bags are named after the slides
+    trident.mkdir()
+    for name in SLIDES:
+        shutil.copy(setup.coords / f"{name}.h5", trident / f"{name}_patches.h5")
+    assert compute_main([*common, "--coords", str(trident), "--slides", str(setup.slides), "--out", str(coords)]) == 0
+    assert sorted(p.name for p in coords.iterdir()) == sorted(f"{name}.h5" for name in SLIDES)
+    for name in SLIDES:
+        with (h5py.File(files / f"{name}.h5") as from_files, h5py.File(job / f"{name}.h5") as from_job,
+              h5py.File(coords / f"{name}.h5") as from_coords, h5py.File(setup.coords / f"{name}.h5") as source):
+            features = from_job["features"][:]
+            assert features.shape == (4, 512) and features.dtype == np.float32
+            np.testing.assert_array_equal(features, from_files["features"][:])
+            np.testing.assert_array_equal(features, from_coords["features"][:])
+            np.testing.assert_array_equal(from_job["coords"][:], from_files["coords"][:])
+            assert same_attributes(from_job["coords"].attrs, source["coords"].attrs)  # copied, as TRIDENT does
+            assert from_job.attrs["patches_key"] != from_files.attrs["patches_key"] and "paths" not in from_job
+            assert same_attributes(*({k: v for k, v in bag.attrs.items() if k != "patches_key"}
+                                     for bag in (from_job, from_files)))
+        tensor = torch.load(job / "pt_files" / f"{name}.pt", weights_only=True)
+        assert tensor.dtype == torch.float32 and np.array_equal(tensor.numpy(), features)
+    assert compute_main(job_args) == 0
+    assert f"0 slides encoded, 4 already done, into {job}; 0 pt_files written" in capsys.readouterr().out
+    with h5py.File(setup.coords / "tumor_a.h5", "r+") as retiled:  # the slide tiled again: one patch fewer
+        attributes = dict(retiled["coords"].attrs)
+        corners = retiled["coords"][1:]
+        del retiled["coords"]
+        retiled.create_dataset("coords", data=corners).attrs.update(attributes)
+    assert compute_main(job_args) == 0
+    assert f"1 slides encoded, 3 already done, into {job}; 1 pt_files written" in capsys.readouterr().out
+    with h5py.File(job / "tumor_a.h5") as bag:
+        np.testing.assert_array_equal(bag["coords"][:], corners)
+    # Bags encoded again without --pt_files leave their tensors stale: the next --pt_files run rewrites them from
+    # the bags, encoding nothing.
+    assert compute_main([*job_args[:-1], "--resize", "48"]) == 0
+    assert compute_main([*job_args, "--resize", "48"]) == 0
+    assert f"0 slides encoded, 4 already done, into {job}; 4 pt_files written" in capsys.readouterr().out
+    with h5py.File(job / "tumor_a.h5") as bag:
+        assert torch.equal(torch.load(job / "pt_files" / "tumor_a.pt", weights_only=True),
+                           torch.from_numpy(bag["features"][:]))
+
+
+@pytest.mark.parametrize("where, message", [
+    ([], "pass one of --patches PATCH_ROOT (patch files), --job JOB or --coords DIR --slides DIR"),
+    (["--patches", "p", "--job", "j"], "pass one of --patches PATCH_ROOT (patch files), --job JOB"),
+    (["--job", "j", "--slides", "s"], "--job brings its own coordinates and slides"),
+])
+def test_compute_feats_needs_one_place_to_read_patches_from(tmp_path, capsys, where, message):
+    assert compute_main(["--checkpoint", "a.pth", "--out", str(tmp_path / "feats"), "--device", "cpu", *where]) == 2
+    assert capsys.readouterr().out.startswith(f"error: {message}")

@@ -222,5 +222,5 @@ def test_a_patch_that_cannot_be_decoded_is_named_or_with_skip_bad_files_replaced
     out = capsys.readouterr().out
     listed = (run / "skipped_files.txt").read_text().splitlines()
     assert listed and all(line.startswith(f"{bad}\tcannot be decoded") for line in listed)
-    assert "more patches could not be read" in out and str(run / "skipped_files.txt") in out
+    assert "more patches or slides could not be read" in out and str(run / "skipped_files.txt") in out
     assert np.isfinite([float(r["loss"]) for r in epochs_csv(run)]).all() and len(epochs_csv(run)) == 2

@@ -3,7 +3,10 @@ import json
 import numpy as np
 from PIL import Image
 
-from clusiam.sources import FolderSource, cached_channel_statistics, channel_statistics
+from clusiam.slide_source import SlidePatches, SlideSource
+from clusiam.slides import PatchReader
+from clusiam.sources import FolderSource, cached_channel_statistics, channel_statistics, statistics_sample
+from conftest import write_pyramid
 from test_images import save_png
 
 
@@ -47,3 +50,56 @@ def test_a_folder_source_reads_rgb_through_a_transform_names_its_slides_and_chan
     before = source.identity
     save_png(files[1], size=8, seed=7)
     assert FolderSource(files).identity != before and FolderSource(files[:2]).identity != before
+
+
+def toned_patches(folder, count, seed=0):
+    """``count`` 8 px patches, each noise around a tone of its own: the patches' means spread
+    widely, so a sample's statistics differ measurably from the whole set's."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i in range(count):
+        pixels = rng.integers(40, 216, 3) + rng.normal(0, 20, (8, 8, 3))
+        files.append(folder / f"{i:04d}.png")
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(files[-1])
+    return files
+
+
+def test_statistics_of_a_large_source_come_from_a_seeded_sample_close_to_the_whole(tmp_path):
+    source = FolderSource(toned_patches(tmp_path, 400))
+    whole = channel_statistics(source, sample_size=400)
+    sample = channel_statistics(source, sample_size=100)
+    assert channel_statistics(source, sample_size=100) == sample  # the same sample every time
+    assert channel_statistics(source, sample_size=100, seed=1) != sample
+
+    patch_means = np.stack([np.asarray(source.read(i)).reshape(-1, 3).mean(0) / 255 for i in range(400)])
+    standard_error = patch_means.std(0) / np.sqrt(100) * np.sqrt(1 - 100 / 400)  # of a mean over 100 of 400
+    error = np.abs(np.subtract(sample[0], whole[0]))
+    assert (error > 1e-4).all() and (error < 4 * standard_error).all(), (error, standard_error)
+    assert np.allclose(sample[1], whole[1], rtol=0.1) and sample[1] != whole[1]
+    assert list(statistics_sample(400, 100)) == sorted(set(statistics_sample(400, 100)))
+    assert list(statistics_sample(50, 100)) == list(range(50))  # a source no larger than the sample: all of it
+
+
+def test_the_statistics_cache_records_its_sample_and_is_refreshed_for_another(tmp_path):
+    source = FolderSource(toned_patches(tmp_path / "p", 150))
+    cache = tmp_path / "run" / "normalization.json"
+    sampled = cached_channel_statistics(source, cache, sample_size=100)
+    stored = json.loads(cache.read_text())
+    assert (stored["sample_size"], stored["sample_seed"], stored["num_files"]) == (100, 0, 150)
+    assert sampled == channel_statistics(source, sample_size=100)
+    assert cached_channel_statistics(source, cache, sample_size=100, seed=3) == channel_statistics(
+        source, sample_size=100, seed=3) != sampled
+    assert json.loads(cache.read_text())["sample_seed"] == 3
+
+
+def test_a_slide_source_is_sampled_alike(tmp_path):
+    image = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    slide = write_pyramid(tmp_path / "s.tif", image, mpp=0.5, downsamples=(1,))
+    reader = PatchReader(side0=32, size=32, level=0, read_size=32)
+    corners = np.array([(x, y) for y in range(0, 224, 32) for x in range(0, 224, 32)])
+    source = SlideSource([SlidePatches(slide, "s", reader, corners)])
+    picked = np.concatenate([np.asarray(source.read(i)).reshape(-1, 3) / 255 for i in statistics_sample(49, 20)])
+    mean, std = channel_statistics(source, sample_size=20)
+    np.testing.assert_allclose(mean, picked.mean(0), atol=1e-9)
+    np.testing.assert_allclose(std, picked.std(0), atol=1e-9)

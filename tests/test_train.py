@@ -1,5 +1,6 @@
 import csv
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -7,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from clusiam import train as training
 from clusiam.checkpoint import load_checkpoint, save_checkpoint
 from clusiam.config import parse_config
 from clusiam.errors import ConfigError
@@ -14,6 +16,7 @@ from clusiam.models import PretrainModel
 from clusiam.step import build_optimizer, set_learning_rate
 from clusiam.train import main, train
 from conftest import epochs_csv, tiny_run_args
+from test_slide_source import write_coords_and_slides, write_job
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,20 +80,30 @@ def final_weights(path):
     return load_checkpoint(path)["state_dict"]
 
 
-@pytest.mark.parametrize("model_type, augment", [("clusiam", "batched"), ("clubyol", "batched"), ("clusiam", "pil")])
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_demo, tmp_path, model_type, augment):
-    common = ["--model_type", model_type, "--seed", "3", "--augment", augment, "--save_freq", "1"]
-    whole = train(parse_config(tiny_run_args(tiny_demo, tmp_path / "whole", *common, "--epochs", "2")))
-    half = train(parse_config(tiny_run_args(tiny_demo, tmp_path / "split", *common, "--epochs", "1")))
-    resumed = train(parse_config(tiny_run_args(tiny_demo, tmp_path / "split", *common, "--epochs", "2",
-                                               "--resume", str(half))))
+def assert_resume_equals_an_uninterrupted_run(run_args, tmp_path: Path, *common: str, resume: str | None = None):
+    """Two epochs in one run, and one epoch then a resumed second (from its last.pth, or ``resume``), train
+    exactly the same weights; ``run_args(save_path, *options)`` gives a run's options."""
+    common = (*common, "--save_freq", "1")
+    whole = train(parse_config(run_args(tmp_path / "whole", *common, "--epochs", "2")))
+    half = train(parse_config(run_args(tmp_path / "split", *common, "--epochs", "1")))
+    resumed = train(parse_config(run_args(tmp_path / "split", *common, "--epochs", "2", "--resume",
+                                          resume or str(half))))
     a, b = final_weights(whole), final_weights(resumed)
     assert a.keys() == b.keys()
     for key in a:
-        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6), key
+        assert torch.equal(a[key], b[key]), key
     first_epoch = final_weights(tmp_path / "split" / "checkpoint_0001.pth")
-    assert any(not torch.allclose(a[k].float(), first_epoch[k].float()) for k in a)  # the second epoch trained
-    assert load_checkpoint(resumed)["epoch"] == 2 and load_checkpoint(resumed)["step"] == 8
+    assert any(not torch.equal(a[k], first_epoch[k]) for k in a)  # the second epoch trained
+    steps = load_checkpoint(whole)["step"]
+    assert (load_checkpoint(resumed)["epoch"], load_checkpoint(resumed)["step"]) == (2, steps)
+
+
+@pytest.mark.parametrize("model_type, augment", [("clusiam", "batched"), ("clubyol", "batched"), ("clusiam", "pil")])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_demo, tmp_path, model_type, augment):
+    assert_resume_equals_an_uninterrupted_run(
+        lambda save_path, *extra: tiny_run_args(tiny_demo, save_path, *extra), tmp_path,
+        "--model_type", model_type, "--seed", "3", "--augment", augment)
+    assert load_checkpoint(tmp_path / "split" / "last.pth")["step"] == 8
 
 
 def test_resume_auto_starts_fresh_then_continues_from_last_pth(tiny_demo, tmp_path, capsys):
@@ -189,3 +202,64 @@ def test_pathology_augmentations_train_from_the_cli_and_need_the_batched_pipelin
     assert (config["vflip"], config["rotate90"], config["hed_jitter"]) == (True, True, 0.05)
     assert main(tiny_run_args(tiny_demo, tmp_path / "pil", *options, "--augment", "pil")) == 2
     assert "need --augment batched" in capsys.readouterr().out
+
+
+def test_pretraining_reads_patches_from_a_tiling_job_or_from_coordinate_files_and_slides(tmp_path, capsys):
+    job = write_job(tmp_path / "job", names=("a", "b", "gone"))
+    gone = tmp_path / "job_slides" / "gone.tif"
+    gone.unlink()
+    assert main(tiny_run_args(job, tmp_path / "refused", "--epochs", "1")) == 2
+    assert f"error: {gone}: not a readable slide (FileNotFoundError" in capsys.readouterr().out
+    assert not (tmp_path / "refused").exists()  # checked before anything is written
+
+    assert main(tiny_run_args(job, tmp_path / "job_run", "--epochs", "1", "--skip_bad_files")) == 0
+    assert "skipped 1 of 3 files that cannot be used" in capsys.readouterr().out
+    listing = (tmp_path / "job_run" / "skipped_files.txt").read_text().splitlines()
+    assert len(listing) == 1 and listing[0].startswith(f"{gone}\t{gone}: not a readable slide")
+    checkpoint = load_checkpoint(tmp_path / "job_run" / "last.pth")
+    assert (checkpoint["epoch"], checkpoint["step"]) == (1, 2)  # 2 slides x 16 patches, batches of 16
+
+    coords, slides = write_coords_and_slides(tmp_path / "folders")  # a TRIDENT-layout and a CLAM-layout file
+    assert main(["--coords", *tiny_run_args(coords, tmp_path / "coords_run", "--slides", str(slides),
+                                            "--epochs", "1")]) == 0
+    assert "32 images, 2 steps/epoch of 16" in capsys.readouterr().out
+    assert load_checkpoint(tmp_path / "coords_run" / "last.pth")["config"]["coords"] == str(coords)
+    assert main(["--coords", *tiny_run_args(coords, tmp_path / "large", "--slides", str(slides),
+                                            "--image_size", "64")]) == 2
+    assert ("the slides' patches are 32 px, smaller than --image_size 64: pass --patch_size 64"
+            in capsys.readouterr().out)
+
+
+def test_resume_from_slides_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
+    job = write_job(tmp_path / "job")
+    assert_resume_equals_an_uninterrupted_run(lambda save_path, *extra: tiny_run_args(job, save_path, *extra),
+                                              tmp_path, "--seed", "3", resume="auto")
+
+
+def test_a_slide_lost_mid_run_stops_it_naming_slide_and_patch_or_is_skipped_and_listed(tmp_path, capsys, monkeypatch):
+    """Lost after the statistics, before the first step; in fresh DataLoader workers, which open their own slides
+    (a handle already open may keep reading a deleted file: that is fine)."""
+    job = write_job(tmp_path / "job")
+    lost = tmp_path / "job_slides" / "b.tif"
+    saved = lost.read_bytes()
+    announce = training.announce
+
+    def announce_then_lose_the_slide(*args):
+        announce(*args)
+        lost.unlink()
+
+    monkeypatch.setattr(training, "announce", announce_then_lose_the_slide)
+    options = ("--epochs", "1", "--num_worker", "2")
+    assert main(tiny_run_args(job, tmp_path / "stopped", *options)) == 2
+    error = capsys.readouterr().out.splitlines()[-1]
+    assert re.fullmatch(rf"error: {re.escape(str(lost))}: cannot be opened any more \(.*not a readable slide "
+                        r".*\)\. Fix or remove it .*--skip_bad_files.*", error), error
+
+    lost.write_bytes(saved)
+    assert main(tiny_run_args(job, tmp_path / "skipped", *options, "--skip_bad_files")) == 0
+    assert "more patches or slides could not be read" in capsys.readouterr().out
+    # Listed once per process that met it (here: each of the 2 workers), not once per patch of the slide.
+    listing = (tmp_path / "skipped" / "skipped_files.txt").read_text().splitlines()
+    assert 1 <= len(listing) <= 2 and all(re.match(rf"{re.escape(str(lost))}\tcannot be opened any more", line)
+                                          for line in listing)
+    assert load_checkpoint(tmp_path / "skipped" / "last.pth")["step"] == 2  # batches kept their size
