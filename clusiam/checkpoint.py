@@ -2,10 +2,13 @@
 
 A checkpoint is a plain dict. The authors' keys keep their meaning (``epoch``: epochs
 completed, ``state_dict``: the model, ``optimizer``: the optimizer); clusiam adds ``step``,
-``config`` (the resolved options, and the number of processes that trained it) and
+``config`` (the resolved options, and the number of processes that trained it),
 ``normalization`` (the mean/std the views were normalised with, which evaluation must
-reuse). Nothing in it depends on the number of processes, so any world size resumes it:
-random streams are reseeded from (seed, epoch, rank) at every epoch instead of stored.
+reuse) and ``pretraining_slides``, the leakage ledger: the names of the slides it was
+pretrained on and a digest of their patches, from which an evaluation counts the test
+slides its encoder has seen (:mod:`clusiam.ledger`). Nothing in it depends on the
+number of processes, so any world size resumes it: random streams are reseeded from
+(seed, epoch, rank) at every epoch instead of stored.
 """
 from __future__ import annotations
 

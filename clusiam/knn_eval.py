@@ -8,6 +8,9 @@ TRAIN and TEST are folders laid out ``root/<class>/<slide>/<patch>``, CSV files 
 columns path, label, slide, or CSV files naming patches by slide and corner (slide, x, y,
 label, as a tiling job's ``patch_labels.csv``), read straight from the slides of the job
 the table sits in, of ``--job JOB`` or of ``--coords DIR --slides DIR``.
+
+Each checkpoint's leakage ledger (the slides it was pretrained on) gives the number of test
+slides its encoder saw in pretraining, in every report; ``--refuse_seen`` makes any an error.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from clusiam.errors import CommandParser, ConfigError, DataError, InRange, repor
 from clusiam.features import FEATURE_TYPES, PixelFeatures, cached_encode, feature_extractor
 from clusiam.files import check_output_folder, file_digest, make_folder
 from clusiam.knn import BACKENDS, choose_backend, l2_normalize, search, vote
+from clusiam.ledger import SEEN_LABEL, SeenInPretraining, pretraining_slides
 from clusiam.metrics import (
     absent_class_warnings,
     classification_metrics,
@@ -54,7 +58,8 @@ class Encoder:
     mean: list[float]
     std: list[float]
     identity: str  # what makes its features unique, for the cache
-    checkpoint: str | None = None
+    checkpoint: str | None = None  # None: a baseline
+    pretrained_on: list[str] | None = None  # the checkpoint's ledger; None when it has none
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="evaluate even when train and test share slides or files")
     parser.add_argument("--no_baselines", dest="baselines", action="store_false",
                         help="skip the random-encoder and raw-pixel rows")
+    parser.add_argument("--refuse_seen", action="store_true",
+                        help="stop when a checkpoint saw any test slide in pretraining (or its ledger is missing)")
     add_slide_options(parser, "for --train / --test tables of slide, x, y, label; a table in a tiling job's "
                               "folder is read from that job without them")
     add_dist_timeout(parser, "rank 0 searching and writing the report while the others wait")
@@ -103,6 +110,7 @@ def checkpoint_encoders(paths: Sequence[str], feature: str) -> tuple[list[Encode
             name=row_name(path), feature=feature, module=feature_extractor(model, feature),
             mean=state["normalization"]["mean"], std=state["normalization"]["std"],
             identity=f"checkpoint {file_digest(Path(path))} {feature}", checkpoint=str(path),
+            pretrained_on=pretraining_slides(state),
         ))
     return encoders, states[0]
 
@@ -191,6 +199,20 @@ def all_encoders(args: argparse.Namespace) -> list[Encoder]:
     return encoders
 
 
+def seen_in_pretraining(encoders: Sequence[Encoder], test_slides: Sequence[str],
+                        refuse: bool) -> dict[str, SeenInPretraining]:
+    """Per encoder, the test slides it saw in pretraining, printed. With ``--refuse_seen`` a
+    checkpoint that saw one, or whose ledger is missing, stops the evaluation here, before
+    any encoding."""
+    seen = {e.name: SeenInPretraining.count(e.checkpoint, e.pretrained_on, test_slides) for e in encoders}
+    for name, count in seen.items():
+        print_rank_zero(f"{name}: {count.line()}")
+    if refuse:
+        for count in seen.values():
+            count.refuse()
+    return seen
+
+
 def knn_rows(encoder: Encoder, features: dict[str, np.ndarray], splits: Splits, ks: Sequence[int], backend: str,
              out: Path) -> list[dict]:
     """Search once for the largest k and score every k; at the tables' k (the paper's k = 1
@@ -239,6 +261,7 @@ def evaluate_on(device: torch.device, args: argparse.Namespace) -> dict | None:
     print_rank_zero(f"KNN on {backend}; features on {device}; {len(splits.train)} train / "
                     f"{len(splits.test)} test patches; classes {splits.classes}, positive {splits.positive}")
     encoders = all_encoders(args)
+    seen = seen_in_pretraining(encoders, splits.test.slides, args.refuse_seen)
     cache_dir = Path(args.cache_dir) if args.cache_dir else out / "cache"
     options = {"batch_size": args.batch_size, "num_workers": args.num_workers, "resize": args.resize}
     if is_main():
@@ -253,8 +276,9 @@ def evaluate_on(device: torch.device, args: argparse.Namespace) -> dict | None:
                 desc=f"{encoder.name} {name}", **options)
         encoding = {"features_cached": cached["train"] and cached["test"],
                     "encode_seconds": round(time.perf_counter() - started, 3)}
+        ledger = {"test_slides_seen_in_pretraining": seen[encoder.name].as_json()}
         if is_main():
-            rows += [{**row, **encoding} for row in knn_rows(encoder, features, splits, args.k, backend, out)]
+            rows += [{**row, **encoding, **ledger} for row in knn_rows(encoder, features, splits, args.k, backend, out)]
     if not is_main():
         return None
     report = {
@@ -280,6 +304,7 @@ def write_report(out: Path, report: dict) -> None:
         f"- test: `{test['source']}`: {test['patches']} patches from {test['slides']} slides {test['classes']}",
         f"- positive class: {positive}; search backend: {report['backend']}; features on {report['device']}",
         f"- each encoder's folder: confusion matrix and per-slide accuracy at k = {report['tables_k']}",
+        *[f"- {encoder}: {SEEN_LABEL}: {text}" for encoder, text in seen_texts(report).items()],
         "",
         f"| encoder | feature | k | F1 ({positive}) | macro F1 | accuracy | balanced accuracy | "
         "train / test patches (slides) | backend | seconds |",
@@ -302,6 +327,11 @@ def write_report(out: Path, report: dict) -> None:
     if report["warnings"]:
         lines += ["", "**Warnings**", "", *[f"- {w}" for w in report["warnings"]]]
     save_report(out, report, lines)
+
+
+def seen_texts(report: dict) -> dict[str, str]:
+    """Each encoder's count of test slides seen in pretraining, in words (its rows share it)."""
+    return {row["encoder"]: row["test_slides_seen_in_pretraining"]["text"] for row in report["rows"]}
 
 
 def score(value: float | None, digits: int) -> str:

@@ -38,6 +38,7 @@ from clusiam.distributed import barrier, check_replicas_agree, is_main, main_com
 from clusiam.errors import ConfigError, DataError, DiskFullError, run_command
 from clusiam.files import make_folder
 from clusiam.images import Checked, check_images, find_images, remember_check, uint8_tensor
+from clusiam.ledger import pretraining_slides
 from clusiam.models import PretrainModel
 from clusiam.monitor import CLUSTER_DIAGNOSTICS, collapse_warnings
 from clusiam.runlock import RunLock
@@ -61,6 +62,7 @@ class Run:
     """What a run trains with, set up once by :func:`set_up_run`; only ``step`` changes."""
 
     source: PatchSource
+    pretrained_on: list[str] | None  # the slides the weights have seen (resumed runs' too); None: not known
     skipped: SkipLog | None  # with --skip_bad_files: the patches left out, and why
     skipped_reported: int  # how many of them the run has already warned about
     dataset: Dataset  # the source through what the DataLoader workers do to each patch
@@ -228,6 +230,15 @@ def build_model(args: argparse.Namespace, device: torch.device, memory_format: t
     return model.to(device, memory_format=memory_format)
 
 
+def slides_seen(checkpoint: dict | None, source: PatchSource) -> list[str] | None:
+    """The slides the weights will have seen: this run's, and a resumed checkpoint's (which may
+    have trained on other data); None when the checkpoint predates the ledger (not known)."""
+    if checkpoint is None:
+        return source.slides
+    earlier = pretraining_slides(checkpoint)
+    return None if earlier is None else sorted({*earlier, *source.slides})
+
+
 def set_up_run(device: torch.device, args: argparse.Namespace, checkpoint: dict | None, source: PatchSource,
                skipped: SkipLog | None) -> Run:
     """Normalisation, network and optimizer of a run on ``source``, restored from
@@ -253,7 +264,8 @@ def set_up_run(device: torch.device, args: argparse.Namespace, checkpoint: dict 
     if world_size() > 1:
         network = DistributedDataParallel(model, device_ids=[device] if on_gpu else None)
     transform, make_views = view_pipeline(args, mean, std, device, memory_format)
-    return Run(source=source, skipped=skipped, skipped_reported=skipped_reported,
+    return Run(source=source, pretrained_on=slides_seen(checkpoint, source), skipped=skipped,
+               skipped_reported=skipped_reported,
                dataset=source.dataset(transform, skipped), make_views=make_views, model=model,
                network=network, optimizer=optimizer, loss=LossSettings(args.alpha, args.tau, args.eps),
                mean=list(mean), std=list(std), init_lr=init_lr, start_epoch=start_epoch, step=step,
@@ -344,6 +356,8 @@ def finish_epoch(run: Run, epoch: int, record: EpochLog, seconds: float, args: a
         "optimizer": run.optimizer.state_dict(), "config": {**vars(args), "world_size": world_size()},
         "normalization": {"mean": run.mean, "std": run.std}, "log_row": row,
     }
+    if run.pretrained_on is not None:  # the leakage ledger (clusiam.checkpoint.SeenInPretraining); plain values
+        state["pretraining_slides"] = {"names": run.pretrained_on, "digest": run.source.identity}
     save_epoch(state, Path(args.save_path), save_numbered=(epoch + 1) % args.save_freq == 0)
     log.epoch_row(row)
     for warning in collapse_warnings(averages, args.num_clusters if run.model.method.clustered else None):

@@ -214,7 +214,7 @@ def compute_on(device: torch.device, args: argparse.Namespace) -> dict[str, int]
     encoder = feature_extractor(model, args.feature)
     # HDF5 attributes cannot hold None, so no resize is stored as 0.
     encoding = (file_digest(Path(args.checkpoint)), args.feature, args.resize or 0, precision(device))
-    attributes = {**dict(zip(ENCODING_ATTRIBUTES, encoding)), "checkpoint": str(args.checkpoint),
+    attributes = {**dict(zip(ENCODING_ATTRIBUTES, encoding)), "checkpoint": str(Path(args.checkpoint).resolve()),
                   "model_type": state["config"]["model_type"], "backbone": state["config"]["backbone"]}
     missing = sorted(set(read_table(args.labels, ("slide", "label"))) - set(slides)) if args.labels else []
     make_folder(out, "--out")

@@ -8,7 +8,9 @@ are only checked: present, made alike, finite).
 ``slides.csv`` has columns slide, label; ``split.csv`` columns slide, split (train / val /
 test). Without a split file the slides are split by seeded stratified sampling. ``--folds K``
 cross-validates on the non-test slides, ``--seeds N`` repeats every run with N seeds; the
-report gives each run and the mean and standard deviation.
+report gives each run and the mean and standard deviation. The report also counts the test
+slides that the encoder of the bags saw in pretraining (its checkpoint's leakage ledger);
+``--refuse_seen`` makes any an error.
 """
 from __future__ import annotations
 
@@ -32,9 +34,11 @@ from sklearn.metrics import balanced_accuracy_score, roc_auc_score, roc_curve
 from sklearn.model_selection import StratifiedKFold, train_test_split
 from tqdm import tqdm
 
+from clusiam.checkpoint import load_checkpoint
 from clusiam.distributed import resolve_device
 from clusiam.errors import CommandParser, ConfigError, DataError, InRange, report_command_line
-from clusiam.files import check_output_folder, make_folder
+from clusiam.files import check_output_folder, file_digest, make_folder
+from clusiam.ledger import SEEN_LABEL, SeenInPretraining, pretraining_slides
 from clusiam.metrics import positive_class, save_report
 from clusiam.tables import read_table, write_csv
 from mil.compute_feats import ENCODING_ATTRIBUTES, bag_encoding
@@ -81,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="share of the slides for testing, when no --split is given")
     parser.add_argument("--val_fraction", type=float, default=0.25, action=InRange, above=0, below=1,
                         help="share of the non-test slides for validation, when no --split is given")
+    parser.add_argument("--refuse_seen", action="store_true",
+                        help="stop when the bags' checkpoint saw any test slide in pretraining (or that is unknown)")
     parser.add_argument("--device", default="auto")
     return parser
 
@@ -162,6 +168,22 @@ def check_bags(folder: Path, slides: Sequence[str]) -> None:
         elif made != first[1]:
             raise DataError(f"{folder}: the bags of {first[0]} and {slide} were made differently (feature shape, "
                             f"{', '.join(ENCODING_ATTRIBUTES)}: {first[1]} and {made}); encode every slide alike")
+
+
+def seen_in_pretraining(folder: Path, test_slides: Sequence[str]) -> SeenInPretraining:
+    """The test slides that the encoder of the bags saw in pretraining, from the ledger of the
+    checkpoint the bags name (mil.compute_feats records its path and SHA-256), when that file
+    is here and is still the one that encoded them; otherwise unknown, saying why."""
+    with h5py.File(folder / f"{test_slides[0]}.h5", "r") as handle:  # check_bags: every bag made alike
+        named, digest = handle.attrs.get("checkpoint"), handle.attrs.get("checkpoint_sha256")
+    total = len(test_slides)
+    if named is None:
+        return SeenInPretraining(None, total, unknown="the bags name no checkpoint: not made by mil.compute_feats")
+    if not Path(named).is_file():
+        return SeenInPretraining(named, total, unknown=f"the bags' checkpoint {named} is not found")
+    if file_digest(Path(named)) != digest:
+        return SeenInPretraining(named, total, unknown=f"{named} has changed since it encoded the bags")
+    return SeenInPretraining.count(named, pretraining_slides(load_checkpoint(named)), test_slides)
 
 
 def load_bag(folder: Path, slide: str, label: str, device: torch.device) -> Bag:
@@ -346,6 +368,10 @@ def evaluate(args: argparse.Namespace) -> dict:
     protocol = read_protocol(args)
     folder = Path(args.feats)
     check_bags(folder, sorted(protocol.split))
+    seen = seen_in_pretraining(folder, protocol.slides(test=True))
+    print(seen.line())
+    if args.refuse_seen:
+        seen.refuse()
     device = resolve_device(args.device)
     trained = train_runs(protocol, folder, args, device)
     # Only now are the test slides loaded, and each trained model scores them once.
@@ -358,6 +384,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         "settings": dict(vars(args)), "classes": targets.names, "positive": targets.positive,
         "slides": {name: sum(1 for w in protocol.split.values() if w == name) for name in SPLITS},
         "runs": rows, "summary": {m: summarise([r[m] for r in rows]) for m in metric_names},
+        "test_slides_seen_in_pretraining": seen.as_json(),
     }
     out = make_folder(Path(args.out), "--out")
     write_predictions(out / "predictions.csv", trained, tested, test_bags, targets)
@@ -419,6 +446,7 @@ def write_report(out: Path, report: dict) -> None:
     lines = [
         f"# Slide classification ({report['settings']['aggregator']})", "",
         f"- slides: {report['slides']}; outputs: {', '.join(report['classes'])}; positive: {report['positive']}",
+        f"- {SEEN_LABEL}: {report['test_slides_seen_in_pretraining']['text']}",
         "- best epoch and thresholds (Youden J) chosen on validation; test scored once per run", "",
         "| metric | mean | std |", "|---|---|---|",
         *[f"| {m} | {v['mean']:.4f} | {v['std']:.4f} |" for m, v in summary.items()], "",
