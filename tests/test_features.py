@@ -3,7 +3,6 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
-import h5py
 import numpy as np
 import pytest
 import torch
@@ -17,6 +16,7 @@ from clusiam.slide_source import SlideSource, job_pairs
 from clusiam.slides import PatchReader, open_slide
 from clusiam.tables import write_csv
 from conftest import write_pyramid
+from test_slide_source import write_coords
 
 SIDE0, SIZE, MPP = 64, 32, 0.25  # patches of 64 level-0 pixels, read as 32 pixels from level 1
 CORNERS = sorted(((x, y) for x in (0, 64) for y in (0, 64)), key=lambda c: f"{c[0]}_{c[1]}")  # file-name order
@@ -31,14 +31,11 @@ def slide_image(label: str, seed: int) -> np.ndarray:
     return np.clip(tint + noise, 0, 255).astype(np.uint8)
 
 
-def write_coords(path: Path, name: str, corners) -> None:
+def tiler_coords(path: Path, name: str, corners) -> None:
     """A coordinate file as the tiler writes it (TRIDENT's attributes and ours)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(path, "w") as handle:
-        handle["coords"] = np.array(corners, dtype=np.int64)
-        handle["coords"].attrs.update(coordinate_attributes(
-            name=name, reader=PatchReader(SIDE0, SIZE, 1, SIZE), downsample=2.0, width=128, height=128,
-            level0_mpp=MPP, magnification=None, overlap_px=0, savetodir=path.parent))
+    write_coords(path, np.array(corners), coordinate_attributes(
+        name=name, reader=PatchReader(SIDE0, SIZE, 1, SIZE), downsample=2.0, width=128, height=128,
+        level0_mpp=MPP, magnification=None, overlap_px=0, savetodir=path.parent))
 
 
 def write_pngs(slide_path: Path, folder: Path) -> list[Path]:
@@ -63,7 +60,7 @@ def slide_setup(root: Path) -> SimpleNamespace:
     paths = {name: write_pyramid(slides / f"{name}.tif", slide_image(label, seed), MPP, downsamples=(1, 2))
              for seed, (name, label) in enumerate(SLIDES.items())}
     for name in SLIDES:
-        write_coords(job / "coords" / f"{name}.h5", name, CORNERS)
+        tiler_coords(job / "coords" / f"{name}.h5", name, CORNERS)
     (job / "job.json").write_text(json.dumps({"slides": {name: str(path) for name, path in paths.items()}}))
     files = {name: write_pngs(paths[name], patches / label / name) for name, label in SLIDES.items()}
     for split, names in SPLITS.items():
