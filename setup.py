@@ -29,6 +29,7 @@ setup(
         "shapely>=2",
         "timm",
         "safetensors",
+        "umap-learn",  # the embedding maps of the KNN report
     ],
     # transformers' SegformerModel is the independent reference the MiT-B1 tests compare against;
     # ruff lints the code (ruff.toml) before the tests run.

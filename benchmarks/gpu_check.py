@@ -14,7 +14,8 @@ Steps, each a command run in its own process (stopping at the first that fails, 
 4. ``pipeline_loss``: ``benchmarks/pipeline_loss.py``, batched views against PIL views;
 5. ``features``: the feature extraction rate of :func:`clusiam.features.encode` (bf16 on GPU);
 6. ``knn``: ``benchmarks/knn.py`` (torch on the GPU, faiss-gpu where installed);
-7. ``torchrun``: ``pretrain.py`` under torchrun with one process (NCCL, SyncBatchNorm), and resumed.
+7. ``probe``: ``benchmarks/probe_time.py``, a probe (``pretrain.py --probe``) beside its epoch;
+8. ``torchrun``: ``pretrain.py`` under torchrun with one process (NCCL, SyncBatchNorm), and resumed.
 
 Writes ``OUT/gpu_check.json`` (per step: command, seconds, exit status, figures, last
 output lines) and prints one readable line per step. ``--wheels DIR`` first installs the
@@ -48,6 +49,7 @@ class Setting:
     image_size: int
     batch_size: int
     mit_batch_size: int
+    smoke: tuple[str, ...]  # the networks of the smoke runs
     smoke_epochs: int  # then one more, resumed, for the networks in ``resumed``
     resumed: tuple[str, ...]
     workers: int
@@ -57,11 +59,15 @@ class Setting:
     loss_epochs: int
 
 
-FULL = Setting(patches=25_600, patch_size=224, image_size=224, batch_size=512, mit_batch_size=256, smoke_epochs=3,
+FULL = Setting(patches=25_600, patch_size=224, image_size=224, batch_size=512, mit_batch_size=256,
+               smoke=(*METHODS, "mit_b1"), smoke_epochs=3,
                resumed=(*METHODS, "mit_b1"), workers=16, throughput_steps=40, knn_size=100_000, loss_seeds=(0, 1),
                loss_epochs=2)
-# The CPU test resumes one network per backbone: resuming is the same code for every method.
-TINY = Setting(patches=32, patch_size=64, image_size=32, batch_size=8, mit_batch_size=8, smoke_epochs=1,
+# The CPU test runs one network per family (SimSiam and BYOL are CluSiam's and CluBYOL's code without the cluster
+# head, and each method's CLI run is tested in tests/test_train.py) and resumes one per backbone: resuming is the
+# same code for every method.
+TINY = Setting(patches=48, patch_size=64, image_size=32, batch_size=8, mit_batch_size=8,
+               smoke=("clusiam", "clubyol", "mit_b1"), smoke_epochs=1,
                resumed=("clusiam", "mit_b1"), workers=0, throughput_steps=2, knn_size=500, loss_seeds=(0,),
                loss_epochs=1)
 
@@ -92,20 +98,24 @@ def epoch_losses(run: Path) -> list[float]:
         return [float(row["loss"]) for row in csv.DictReader(handle)]
 
 
+def training_options(setting: Setting, device: str) -> list[str]:
+    return ["--device", device, "--image_size", str(setting.image_size), "--batch_size", str(setting.batch_size),
+            "--num_worker", str(setting.workers)]
+
+
 def pretrain_command(setting: Setting, data: Path, run: Path, device: str, epochs: int, *extra: str,
                      launcher: tuple[str, ...] = ()) -> list[str]:
     return [*(launcher or (sys.executable,)), str(ROOT / "pretrain.py"), str(data), "--save_path", str(run),
-            "--device", device, "--image_size", str(setting.image_size), "--batch_size", str(setting.batch_size),
-            "--num_worker", str(setting.workers), "--epochs", str(epochs), *extra]
+            *training_options(setting, device), "--epochs", str(epochs), *extra]
 
 
 def smoke_steps(setting: Setting, data: Path, out: Path, device: str) -> list[tuple[Step, Path]]:
     """(training, run folder) per network, each followed by its resumed training where the setting says."""
-    networks = [(m, ("--model_type", m)) for m in METHODS]
-    networks.append(("mit_b1", ("--model_type", "clusiam", "--backbone", "mit_b1", "--batch_size",
-                                str(setting.mit_batch_size))))
+    networks = {**{m: ("--model_type", m) for m in METHODS}, "mit_b1": (
+        "--model_type", "clusiam", "--backbone", "mit_b1", "--batch_size", str(setting.mit_batch_size))}
     steps = []
-    for name, options in networks:
+    for name in setting.smoke:
+        options = networks[name]
         run = out / "runs" / name
         first = pretrain_command(setting, data, run, device, setting.smoke_epochs, *options)
         resumed = pretrain_command(setting, data, run, device, setting.smoke_epochs + 1, *options, "--resume", "auto")
@@ -182,6 +192,10 @@ def plan(setting: Setting, out: Path, device: str) -> list[tuple[Step, callable]
     steps.append((Step("knn", [sys.executable, str(ROOT / "benchmarks" / "knn.py"), "--n_train",
                                str(setting.knn_size), "--n_test", str(setting.knn_size), "--skip_sklearn"]),
                   knn_figures))
+    steps.append((Step("probe", [
+        sys.executable, str(ROOT / "benchmarks" / "probe_time.py"), "--out", str(out / "probe_time"), "--data",
+        str(data), "--probe_patches", str(min(10_000, setting.patches)), "--", *training_options(setting, device)]),
+        lambda output: json.loads(output.strip().splitlines()[-1])))
     launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1")
     run = out / "runs" / "torchrun"
     for name, epochs, extra in (("torchrun", 1, ()), ("torchrun_resume", 2, ("--resume", "auto"))):

@@ -112,6 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
                       help="leave unreadable or too-small images, unreadable or mismatched slides and patches "
                            "outside their slide out (listed in SAVE_PATH/skipped_files.txt) instead of stopping")
 
+    probes = parser.add_argument_group("probes while training (see clusiam/probe.py)")
+    probes.add_argument("--probe", default=None, metavar="TABLE",
+                        help="labelled patches to score the backbone on while it trains: a CSV of path, label, slide, "
+                             "a tiling job's patch_labels.csv (slide, x, y, label) or a folder root/<class>/<slide>/; "
+                             "split by slide into SAVE_PATH/probe/train.csv and test.csv")
+    probes.add_argument("--probe_every", default=1, type=int, action=InRange, at_least=1,
+                        help="epochs between probes (the last epoch is always probed)")
+    probes.add_argument("--probe_max_patches", default=10_000, type=int, action=InRange, at_least=1,
+                        help="a seeded sample of at most this many patches of --probe is used")
+    probes.add_argument("--probe_positive", default=None,
+                        help="the class whose F1 the probes report (default: tumor)")
+
     logging = parser.add_argument_group("logging and checkpoints")
     logging.add_argument("--print_freq", default=10, type=int, action=InRange, at_least=1,
                          help="steps between logged scalars")

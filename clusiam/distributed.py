@@ -117,6 +117,15 @@ def main_computes(compute: Callable[[], T]) -> T:
     return result[0]
 
 
+def gather_to_main(value: T) -> list[T] | None:
+    """Every rank's picklable ``value``, in rank order, on rank 0 (None on the others)."""
+    if world_size() == 1:
+        return [value]
+    gathered = [None] * world_size() if is_main() else None
+    dist.gather_object(value, gathered, dst=0)
+    return gathered
+
+
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()
@@ -165,6 +174,15 @@ def check_replicas_agree(module: nn.Module) -> None:
         names = [n for (n, _), a, b in zip(module.named_parameters(), local, reference) if a != b]
         detail = f" (rank {rank()} differs in {', '.join(names[:3])})" if names else ""
         raise RuntimeError(f"the model replicas diverged across ranks{detail}: this is a bug, please report it")
+
+
+def share_main_buffers(module: nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics). DDP sends them at the
+    start of each forward, so after the last training step each rank still holds the ones its
+    own batch left; an evaluation every rank takes part in must use the checkpoint's (rank 0's)."""
+    if world_size() > 1:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 def shard(items: Sequence[T], sizes: Sequence[int] | None = None) -> list[T]:

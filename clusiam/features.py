@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from clusiam.distributed import barrier, is_main, main_computes, rank, shard, world_size
+from clusiam.distributed import barrier, gather_to_main, is_main, main_computes, rank, shard, world_size
 from clusiam.errors import DataError
 from clusiam.files import write_atomically
 from clusiam.images import uint8_tensor
@@ -86,6 +86,30 @@ def feature_extractor(model: PretrainModel, feature: str = "backbone") -> nn.Mod
     if feature not in FEATURE_TYPES:
         raise ValueError(f"--feature {feature!r} is unknown; choose one of {', '.join(FEATURE_TYPES)}")
     return model.backbone if feature == "backbone" else nn.Sequential(model.backbone, model.projector)
+
+
+def cluster_head(model: PretrainModel, feature: str = "backbone") -> nn.Module | None:
+    """What maps a ``feature`` (see :func:`feature_extractor`) to the cluster assigner's
+    logits, so clusters come from features already computed; None without a cluster head."""
+    if not model.method.clustered:
+        return None
+    assigner = [model.cluster_projector, model.cluster_assigner]
+    return nn.Sequential(model.projector, *assigner) if feature == "backbone" else nn.Sequential(*assigner)
+
+
+@torch.no_grad()
+def assign_clusters(head: nn.Module, features: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    """Each feature row's cluster (argmax of the assigner's logits), the head in eval mode
+    (BatchNorm from its running statistics) and left in the mode it was in."""
+    device = next(head.parameters()).device
+    was_training = head.training
+    head.eval()
+    try:
+        logits = [head(torch.from_numpy(np.asarray(features[i : i + chunk], dtype=np.float32)).to(device)).argmax(1)
+                  for i in range(0, len(features), chunk)]
+    finally:
+        head.train(was_training)
+    return torch.cat(logits).cpu().numpy() if logits else np.empty(0, dtype=np.int64)
 
 
 def precision(device: torch.device) -> str:
@@ -162,19 +186,35 @@ def cached_encode(cache_dir: Path, identity: str, encoder: nn.Module, patches: P
     write_features(parts[rank()], lambda allocate: encode(encoder, source, mean, std, device, **options,
                                                           allocate=allocate, indices=shard(range(len(source)))))
     barrier()
-    if is_main():  # part r holds patches r, r + processes, ...: interleave them back
+    if is_main():
         shards = [np.load(part, mmap_mode="r") for part in parts]
-        dim = max(features.shape[1] for features in shards)
-
-        def assemble(allocate: Callable[[tuple[int, int]], np.ndarray]) -> np.ndarray:
-            out = allocate((len(source), dim))
-            for r, features in enumerate(shards):
-                if len(features):  # a process with no patches (fewer patches than processes) wrote (0, 0)
-                    out[r::processes] = features
-            return out
-
-        write_features(path, assemble)
+        write_features(path, lambda allocate: interleave(shards, len(source), allocate))
         for part in parts:
             part.unlink()
     barrier()
     return np.load(path, mmap_mode="r"), False
+
+
+def interleave(shards: Sequence[np.ndarray], count: int,
+               allocate: Callable[[tuple[int, int]], np.ndarray] | None = None) -> np.ndarray:
+    """The features of ``count`` patches in order, from the shards of :func:`clusiam.distributed.shard`
+    (shard r holds patches r, r + processes, ...), in the array ``allocate`` gives."""
+    dim = max(features.shape[1] for features in shards)
+    out = allocate((count, dim)) if allocate else np.empty((count, dim), dtype=np.float32)
+    for r, features in enumerate(shards):
+        if len(features):  # a process with no patches (fewer patches than processes) has (0, 0)
+            out[r :: len(shards)] = features
+    return out
+
+
+def encode_shared(encoder: nn.Module, patches: Patches, mean: Sequence[float], std: Sequence[float],
+                  device: torch.device, **options) -> np.ndarray | None:
+    """:func:`encode`, each torchrun process encoding its share, gathered in memory on rank 0
+    (the other processes get None): for sets that fit in memory and are not kept, such as
+    the probes a run takes while it trains."""
+    if world_size() == 1:
+        return encode(encoder, patches, mean, std, device, **options)
+    source = as_source(patches)
+    mine = encode(encoder, source, mean, std, device, **options, indices=shard(range(len(source))))
+    shards = gather_to_main(mine)
+    return interleave(shards, len(source)) if is_main() else None

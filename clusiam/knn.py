@@ -13,6 +13,8 @@ All four are exact; they differ only in speed.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
@@ -106,3 +108,13 @@ def vote(similarities: np.ndarray, indices: np.ndarray, bank_labels: np.ndarray,
     scores = np.zeros((len(indices), num_classes))
     np.add.at(scores, (np.arange(len(indices))[:, None], neighbour_labels), weights)
     return scores.argmax(1)
+
+
+def knn_predictions(bank: np.ndarray, bank_labels: Sequence[str], queries: np.ndarray, ks: Sequence[int],
+                    classes: Sequence[str], backend: str) -> dict[int, list[str]]:
+    """The class of every query (features, not yet normalised) for each k of ``ks``, from one
+    cosine search for the largest k."""
+    similarities, indices = search(l2_normalize(bank), l2_normalize(queries), max(ks), backend)
+    class_index = {c: i for i, c in enumerate(classes)}
+    label_index = np.array([class_index[c] for c in bank_labels])
+    return {k: [classes[i] for i in vote(similarities, indices, label_index, k, len(classes))] for k in ks}

@@ -18,6 +18,7 @@ from sklearn.metrics import (
     balanced_accuracy_score,
     confusion_matrix,
     f1_score,
+    normalized_mutual_info_score,
     precision_recall_fscore_support,
 )
 
@@ -76,6 +77,19 @@ def classification_metrics(y_true: Sequence[str], y_pred: Sequence[str], classes
         "warnings": [f"{', '.join(never_predicted)} {'is' if len(never_predicted) == 1 else 'are'} never predicted: "
                      "precision undefined (- in the per-class table)"] if never_predicted else [],
     }
+
+
+def cluster_agreement(labels: Sequence[str], clusters: Sequence[int], top: int = 5) -> dict[str, float]:
+    """How well unsupervised clusters match class labels: normalised mutual information
+    (0: independent, 1: the same partition) and the purity of the ``top`` largest clusters
+    (the share of their patches that carry their cluster's most common label), which is what
+    pictures of a few clusters' patches show by eye."""
+    labels, clusters = np.asarray(labels), np.asarray(clusters)
+    names, sizes = np.unique(clusters, return_counts=True)
+    largest = names[np.argsort(-sizes, kind="stable")[:top]]
+    majority = sum(np.unique(labels[clusters == c], return_counts=True)[1].max() for c in largest)
+    return {"cluster_nmi": float(normalized_mutual_info_score(labels, clusters)),
+            f"cluster_purity_top{top}": float(majority / np.isin(clusters, largest).sum())}
 
 
 def absent_class_warnings(y_true: Sequence[str], classes: Sequence[str], positive: str | None) -> list[str]:

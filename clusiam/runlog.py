@@ -16,9 +16,10 @@ from torch.utils.tensorboard import SummaryWriter
 
 from clusiam.distributed import earliest_step, gather_views, is_main, sum_over_ranks, world_size
 from clusiam.errors import NonFiniteLossError
-from clusiam.files import reporting_full_disk
+from clusiam.files import reporting_full_disk, write_atomically
 from clusiam.models import PretrainOutput
 from clusiam.monitor import cluster_diagnostics, projection_std
+from clusiam.tables import write_csv
 
 
 class EpochLog:
@@ -88,22 +89,46 @@ class RunLog:
         self.csv_path = log_dst / "epochs.csv"
         self.writer = SummaryWriter(str(log_dst)) if is_main() else None
 
-    def scalars(self, values: dict[str, float], step: int) -> None:
+    def scalars(self, values: dict[str, float | None], step: int, group: str = "train") -> None:
+        """``group/<name>`` at ``step``; an undefined value (None) is left out."""
         if self.writer is not None:
             for name, value in values.items():
-                self.writer.add_scalar(f"train/{name}", value, step)
+                if value is not None:
+                    self.writer.add_scalar(f"{group}/{name}", value, step)
 
     def epoch_row(self, row: dict[str, float]) -> None:
-        """Append an epoch's row (written once its checkpoint is on disk)."""
+        """Append an epoch's row (written once its checkpoint is on disk). A row with columns
+        the file lacks (a resumed run that probes, where the first did not) rewrites the file
+        with every column, the earlier rows' new cells empty."""
         if self.writer is None:
             return
-        new = not self.csv_path.is_file()
-        with reporting_full_disk(self.csv_path), open(self.csv_path, "a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(row))
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
+        header = self.header()
+        added = [name for name in row if name not in (header or [])]
+        if header and added:
+            fields = header + added
+            cells = [[line.get(name, "") for name in fields] for line in [*self.rows(), row]]
+            write_atomically(self.csv_path, lambda temporary: write_csv(temporary, fields, cells))
+        else:
+            with reporting_full_disk(self.csv_path), open(self.csv_path, "a", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=header or list(row), restval="")
+                if not header:
+                    writer.writeheader()
+                writer.writerow(row)
         self.writer.flush()
+
+    def header(self) -> list[str] | None:
+        """The columns of ``epochs.csv``; None before it has any."""
+        if not self.csv_path.is_file():
+            return None
+        with open(self.csv_path, newline="") as handle:
+            return next(csv.reader(handle), None)
+
+    def rows(self) -> list[dict[str, str]]:
+        """The rows of ``epochs.csv`` so far."""
+        if not self.csv_path.is_file():
+            return []
+        with open(self.csv_path, newline="") as handle:
+            return list(csv.DictReader(handle))
 
     def restore_row(self, checkpoint: dict) -> None:
         """Append the row of the checkpoint's epoch when the CSV lacks it: a run stopped between
@@ -111,11 +136,7 @@ class RunLog:
         row = checkpoint.get("log_row")
         if row is None or self.writer is None:
             return
-        logged = set()
-        if self.csv_path.is_file():
-            with open(self.csv_path, newline="") as handle:
-                logged = {int(float(line["epoch"])) for line in csv.DictReader(handle)}
-        if row["epoch"] not in logged:
+        if row["epoch"] not in {int(float(line["epoch"])) for line in self.rows()}:
             self.epoch_row(row)
 
     def close(self) -> None:

@@ -26,7 +26,7 @@ from torch import nn
 from clusiam.checkpoint import load_pretrained
 from clusiam.distributed import resolve_device
 from clusiam.errors import DataError, UserError, run_command
-from clusiam.features import encode
+from clusiam.features import cluster_head, encode
 from clusiam.slide_source import SlideSource, job_pairs
 from clusiam.slides import open_slide
 from clusiam.sources import PatchSource
@@ -76,7 +76,7 @@ def tile_clusters(checkpoint: str, patches: PatchSource, device_name: str, batch
     if not model.method.clustered:
         raise UserError(f"{checkpoint} is a {model.model_type} checkpoint, which has no clusters; "
                         "draw scores with --scores")
-    assigner = nn.Sequential(model.backbone, model.projector, model.cluster_projector, model.cluster_assigner)
+    assigner = nn.Sequential(model.backbone, cluster_head(model))
     logits = encode(assigner, patches, state["normalization"]["mean"], state["normalization"]["std"],
                     resolve_device(device_name), batch_size=batch_size, num_workers=0, desc="clusters")
     return logits.argmax(1)

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from sklearn.model_selection import StratifiedGroupKFold
 
 from clusiam.coords import JOB_FILE
 from clusiam.errors import ConfigError, DataError
@@ -169,3 +171,26 @@ def split_overlap(train: LabelledPatches, test: LabelledPatches) -> list[str]:
         problems.append(f"{len(identical)} test file(s) are identical to training files, "
                         f"e.g. {test_path} = {train_path}")
     return problems
+
+
+def table_rows(patches: LabelledPatches, indices: Sequence[int]) -> tuple[list[str], list[list]]:
+    """The header and rows of a table that :func:`read_labelled_patches` reads back as exactly
+    the patches ``indices``, in that order: ``path, label, slide`` (absolute paths) for patch
+    files, ``slide, x, y, label`` for patches read from slides (read through their tiling job)."""
+    source = patches.source
+    if isinstance(source, FolderSource):
+        return ["path", "label", "slide"], [[str(source.files[i].absolute()), patches.labels[i], patches.slides[i]]
+                                            for i in indices]
+    return ["slide", "x", "y", "label"], [[patches.slides[i], *source.locate(i)[1:], patches.labels[i]]
+                                          for i in indices]
+
+
+def split_by_slide(labels: Sequence[str], slides: Sequence[str], folds: int,
+                   seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rows kept and the rows of one held-out fold of ``folds``: whole slides on either side,
+    and the classes spread over both as far as the slides allow (scikit-learn's
+    StratifiedGroupKFold, seeded). Needs at least ``folds`` slides."""
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "the least populated class has fewer members than n_splits"
+        return next(splitter.split(np.zeros(len(labels)), labels, groups=slides))

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -46,6 +47,9 @@ from clusiam.runlog import EpochLog, RunLog, mean_over_ranks, step_diagnostics
 from clusiam.slide_source import SlideSource, folder_pairs, is_job, job_pairs
 from clusiam.sources import FolderSource, PatchSource, SkipLog, cached_channel_statistics
 from clusiam.step import LossSettings, build_optimizer, set_learning_rate, training_step
+
+if TYPE_CHECKING:
+    from clusiam.probe import Probe, ProbePlan
 
 # Options a resumed run is told about when they differ from the checkpoint's.
 TRAINING_OPTIONS = ("epochs", "batch_size", "lr", "weight_decay", "momentum", "fix_pred_lr", "alpha", "tau", "eps",
@@ -79,6 +83,7 @@ class Run:
     steps_per_epoch: int
     device: torch.device
     autocast: bool
+    probe: Probe | None = None  # --probe: the labelled patches scored while training
 
 
 def seed_from(*keys: int) -> int:
@@ -347,10 +352,12 @@ def finish_epoch(run: Run, epoch: int, record: EpochLog, seconds: float, args: a
     never holds an epoch that was not saved), collapse warnings and patches left out."""
     averages = record.averages()
     check_replicas_agree(run.model)
+    probed = probe_epoch(run, epoch, args)
     if not is_main():
         return
     row = {"epoch": epoch + 1, "step": run.step, "lr": record.lr, **averages, "seconds": round(seconds, 2),
-           "images_per_s": round(record.steps * args.batch_size / max(seconds, 1e-9), 1)}
+           "images_per_s": round(record.steps * args.batch_size / max(seconds, 1e-9), 1),
+           **(run.probe.row(probed) if run.probe else {})}
     state = {
         "epoch": epoch + 1, "step": run.step, "state_dict": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict(), "config": {**vars(args), "world_size": world_size()},
@@ -360,6 +367,9 @@ def finish_epoch(run: Run, epoch: int, record: EpochLog, seconds: float, args: a
         state["pretraining_slides"] = {"names": run.pretrained_on, "digest": run.source.identity}
     save_epoch(state, Path(args.save_path), save_numbered=(epoch + 1) % args.save_freq == 0)
     log.epoch_row(row)
+    if probed is not None:
+        log.scalars(probed, run.step, group="probe")
+        print(f"probe (epoch {epoch + 1}): {run.probe.summary(probed, seconds)}")
     for warning in collapse_warnings(averages, args.num_clusters if run.model.method.clustered else None):
         print(f"warning (epoch {epoch + 1}): {warning}")
     if run.skipped is not None and run.skipped.count() > run.skipped_reported:
@@ -367,6 +377,22 @@ def finish_epoch(run: Run, epoch: int, record: EpochLog, seconds: float, args: a
               "could not be read (left out of the statistics, or replaced in their batch by the next readable "
               f"patch); they are listed in {run.skipped.path}, once per process that met them")
         run.skipped_reported = run.skipped.count()
+
+
+def probe_epoch(run: Run, epoch: int, args: argparse.Namespace) -> dict[str, float | None] | None:
+    """The probe's scores when this epoch is probed (on rank 0; every process encodes its share)."""
+    if run.probe is None or not run.probe.due(epoch, args.epochs):
+        return None
+    return run.probe.run(run.model, run.mean, run.std, run.device, args.batch_size // world_size(), args.num_worker)
+
+
+def plan_probe(args: argparse.Namespace) -> ProbePlan | None:
+    """With ``--probe``: the probe's table checked and split, on rank 0 (nothing is written)."""
+    if args.probe is None:
+        return None
+    from clusiam import probe  # scikit-learn and matplotlib: imported only by runs that probe (a second of start-up)
+
+    return main_computes(lambda: probe.plan_probe(args))
 
 
 def save_epoch(state: dict, save_path: Path, save_numbered: bool) -> None:
@@ -406,6 +432,7 @@ def train_on(device: torch.device, args: argparse.Namespace) -> Path:
     if on_demo:
         check_demo_size(args)
     inputs = None if on_demo else check_source(args.data_dir, args)
+    probe_plan = plan_probe(args)
     with run_folder(save_path, log_dst):
         refuse_earlier_run(resume, save_path)  # again, now that no other run can write here
         if inputs is None:
@@ -414,6 +441,8 @@ def train_on(device: torch.device, args: argparse.Namespace) -> Path:
             inputs = check_source(demo, args)
         source, checked = inputs
         run = set_up_run(device, args, checkpoint, source, record_check(checked, save_path, args))
+        if probe_plan is not None:
+            run.probe = probe_plan.start(save_path, run.model.method.clustered)
         if checkpoint is not None:
             print_rank_zero(f"resumed {resume} at epoch {run.start_epoch}, step {run.step}")
         train_epochs(run, args, RunLog(log_dst), checkpoint)

@@ -100,14 +100,22 @@ def pretrain_args(data_dir: Path, save_path: Path, *extra: str) -> list[str]:
 
 
 def test_torchrun_trains_writes_once_and_resumes_on_any_number_of_processes(tiny_demo, tiny_checkpoint, tmp_path):
-    # 2 processes, 1 epoch: one checkpoint, one log, one CSV row per epoch.
-    output = finish(torchrun(*pretrain_args(tiny_demo, tmp_path / "a", "--epochs", "1", "--save_freq", "1")))
-    assert output.count("steps/epoch") == 1 and output.count("done:") == 1
+    # 2 processes, 1 epoch: one checkpoint, one log, one CSV row per epoch, and a probe each process encodes half of.
+    output = finish(torchrun(*pretrain_args(tiny_demo, tmp_path / "a", "--epochs", "1", "--save_freq", "1",
+                                            "--probe", str(tiny_demo / "patch_labels.csv"))))
+    assert output.count("steps/epoch") == 1 and output.count("done:") == 1 and output.count("probe (epoch 1)") == 1
     assert "2 processes (cpu), 8 images each" in output
     a = load_checkpoint(tmp_path / "a" / "last.pth")
     assert (a["epoch"], a["step"], a["config"]["world_size"]) == (1, 4, 2)  # 64 images / global batch 16
     assert sorted(p.name for p in (tmp_path / "a").glob("*.pth")) == ["checkpoint_0001.pth", "last.pth"]
-    assert len(epochs_csv(tmp_path / "a")) == 1
+    (row,) = epochs_csv(tmp_path / "a")
+    probe = tmp_path / "a" / "probe"
+    assert evaluate_knn(["--checkpoint", str(tmp_path / "a" / "last.pth"), "--train", str(probe / "train.csv"),
+                         "--test", str(probe / "test.csv"), "--k", "1", "20", "--out", str(tmp_path / "probe_report"),
+                         "--device", "cpu", "--num_workers", "0", "--no_baselines", "--no_embedding"]) == 0
+    one_process = json.loads((tmp_path / "probe_report" / "report.json").read_text())["rows"]
+    assert [float(row[f"probe_{name}"]) for name in ("knn_f1_k1", "knn_f1_k20", "linear_f1")] == pytest.approx(
+        [r["f1"] for r in one_process], abs=1e-12)
 
     # Resumed with 2 processes, it ends exactly where an uninterrupted 2-process run does.
     resumed = finish(torchrun(*pretrain_args(tiny_demo, tmp_path / "a", "--epochs", "2",
@@ -203,7 +211,7 @@ def test_feature_extraction_under_torchrun_equals_one_process(tiny_demo, tiny_ch
 
     knn = ["--checkpoint", str(tiny_checkpoint), "--train", str(tiny_demo / "knn_train.csv"),
            "--test", str(tiny_demo / "knn_test.csv"), "--batch_size", "5", "--num_workers", "0",
-           "--device", "cpu", "--no_baselines"]
+           "--device", "cpu", "--no_baselines", "--no_embedding"]
     finish(torchrun(str(REPO / "evaluate_knn.py"), *knn, "--out", str(tmp_path / "knn_two")))
     assert evaluate_knn([*knn, "--out", str(tmp_path / "knn_one")]) == 0
     cache_two = list((tmp_path / "knn_two" / "cache").glob("*.npy"))

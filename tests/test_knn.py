@@ -16,7 +16,7 @@ from clusiam.config import parse_config
 from clusiam.errors import DataError
 from clusiam.features import cached_encode, feature_extractor
 from clusiam.knn import l2_normalize, search, vote
-from clusiam.knn_eval import main
+from clusiam.knn_eval import Encoder, below_random_init, main
 from clusiam.metrics import absent_class_warnings, classification_metrics, write_per_slide_accuracy
 from clusiam.sources import FolderSource
 from clusiam.splits import LabelledPatches, read_labelled_patches, split_overlap
@@ -160,28 +160,55 @@ def test_a_full_run_on_the_demo_set_writes_every_report_file(tiny_demo, tiny_che
             "--device", "cpu", "--num_workers", "0", "--batch_size", "16"]
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
-    assert [(r["encoder"], r["k"]) for r in report["rows"]] == [
-        (name, k) for name in (report["rows"][0]["encoder"], "random_resnet18", "raw_pixels") for k in (1, 5)]
+    encoders = (report["rows"][0]["encoder"], "random_resnet18", "raw_pixels")
+    assert [(r["encoder"], r["classifier"], r["k"]) for r in report["rows"]] == [
+        (name, classifier, k) for name in encoders for classifier, k in (("knn", 1), ("knn", 5), ("linear", None))]
     assert report["positive"] == "tumor" and report["backend"] == "faiss-cpu"
     assert report["train"]["slides"] == 2 and report["test"]["slides"] == 2 and report["test"]["patches"] == 32
     for row in report["rows"]:
         assert 0 <= row["f1"] <= 1 and sum(map(sum, row["confusion_matrix"])) == 32
         assert (row["train_patches"], row["train_slides"], row["test_patches"], row["test_slides"]) == (32, 2, 32, 2)
         folder = out / row["encoder"]
-        assert Image.open(folder / "confusion_matrix.png").size[0] > 100
-        slides = list(csv.DictReader(open(folder / "per_slide.csv")))
+        prefix = "linear_" if row["classifier"] == "linear" else ""
+        assert Image.open(folder / f"{prefix}confusion_matrix.png").size[0] > 100
+        slides = list(csv.DictReader(open(folder / f"{prefix}per_slide.csv")))
         assert sorted(s["slide"] for s in slides) == ["normal_001", "tumor_001"]
+        if row["k"] != 5:  # the tables are the linear probe's, and the KNN's at k = 1
+            assert sum(int(s["correct"]) for s in slides) == round(row["accuracy"] * 32)
     pixel_row = next(r for r in report["rows"] if r["encoder"] == "raw_pixels" and r["k"] == 1)
     assert pixel_row["f1"] > 0.5  # synthetic tumour nuclei are large and dark: even pixels see them
-    assert "| raw_pixels | pixels 16x16 | 1 |" in (out / "report.md").read_text()
+    markdown = (out / "report.md").read_text()
+    assert "| raw_pixels | pixels 16x16 | knn, k = 1 |" in markdown
+    assert "| raw_pixels | pixels 16x16 | linear, C = 1 |" in markdown  # two training slides: no C can be chosen
+    # The maps, one panel each: the checkpoint's by label and by cluster, then the random-init encoder's beside them
+    # (and beside the raw pixels'); the random-init encoder's alone.
+    widths = {name: Image.open(out / name / "embedding.png").size[0] for name in encoders}
+    one = widths["random_resnet18"]
+    assert widths[encoders[0]] == 3 * one and widths["raw_pixels"] == 2 * one
+    random_init = {(r["classifier"], r["k"]): r["f1"] for r in report["rows"] if r["encoder"] == "random_resnet18"}
+    below = [r for r in report["rows"] if r["checkpoint"] and r["f1"] < random_init[(r["classifier"], r["k"])]]
+    assert len([w for w in report["warnings"] if "is below the random-init encoder's" in w]) == len(below)
     assert main(args) == 0
     assert all(r["features_cached"] for r in json.loads((out / "report.json").read_text())["rows"])
+
+
+def test_a_checkpoint_below_the_random_init_encoder_is_explained_row_by_row():
+    def row(encoder, classifier, k, f1, checkpoint=None):
+        return {"encoder": encoder, "classifier": classifier, "k": k, "C": 0.1, "f1": f1, "checkpoint": checkpoint}
+
+    rows = [row("run", "knn", 1, 0.69, "run.pth"), row("run", "knn", 5, 0.80, "run.pth"),
+            row("run", "linear", None, None, "run.pth"), row("random_resnet18", "knn", 1, 0.77),
+            row("random_resnet18", "knn", 5, 0.75), row("random_resnet18", "linear", None, 0.9),
+            row("raw_pixels", "knn", 1, 0.95)]
+    (note,) = below_random_init([Encoder("run", "backbone", None, [], [], "", "run.pth", epochs=5)], rows)
+    assert note.startswith("run, knn, k = 1: F1 0.6900 is below the random-init encoder's 0.7700")
+    assert "5 epochs of pretraining" in note
 
 
 def test_overlapping_splits_are_refused_unless_allowed(tiny_demo, tiny_checkpoint, tmp_path, capsys):
     args = ["--checkpoint", str(tiny_checkpoint), "--train", str(tiny_demo / "knn_train.csv"),
             "--test", str(tiny_demo / "knn_train.csv"), "--out", str(tmp_path), "--device", "cpu",
-            "--num_workers", "0", "--no_baselines"]
+            "--num_workers", "0", "--no_baselines", "--no_embedding"]
     assert main(args) == 2
     assert "2 slide(s) are in both train and test" in capsys.readouterr().out
     assert main(args + ["--allow_overlap"]) == 0
@@ -191,7 +218,8 @@ def test_overlapping_splits_are_refused_unless_allowed(tiny_demo, tiny_checkpoin
 
 def test_unusable_k_names_and_weights_are_refused(tiny_demo, tiny_checkpoint, tmp_path, capsys):
     args = ["--train", str(tiny_demo / "knn_train.csv"), "--test", str(tiny_demo / "knn_test.csv"),
-            "--out", str(tmp_path / "report"), "--device", "cpu", "--num_workers", "0", "--no_baselines"]
+            "--out", str(tmp_path / "report"), "--device", "cpu", "--num_workers", "0", "--no_baselines",
+            "--no_embedding"]
     assert main([*args, "--checkpoint", str(tiny_checkpoint), "--k", "1", "33"]) == 2
     assert "--k 1 33: each k must lie between 1 and the 32 training patches" in capsys.readouterr().out
     assert main([*args, "--checkpoint", str(tiny_checkpoint), str(tiny_checkpoint)]) == 2
@@ -209,10 +237,11 @@ def test_several_checkpoints_of_any_model_type_and_the_projector_feature(tiny_de
     out = tmp_path / "report"
     assert main(["--checkpoint", str(tiny_checkpoint), str(byol), "--train", str(tiny_demo / "knn_train.csv"),
                  "--test", str(tiny_demo / "knn_test.csv"), "--out", str(out), "--device", "cpu",
-                 "--num_workers", "0", "--no_baselines", "--feature", "projector"]) == 0
+                 "--num_workers", "0", "--no_baselines", "--feature", "projector", "--no_embedding"]) == 0
     rows = json.loads((out / "report.json").read_text())["rows"]
-    assert [(r["checkpoint"], r["feature"]) for r in rows] == [(str(tiny_checkpoint), "projector"),
-                                                               (str(byol), "projector")]
+    assert [(r["checkpoint"], r["feature"], r["classifier"]) for r in rows] == [
+        (str(checkpoint), "projector", classifier) for checkpoint in (tiny_checkpoint, byol)
+        for classifier in ("knn", "linear")]
     assert len({r["encoder"] for r in rows}) == 2
 
 
@@ -255,7 +284,7 @@ def test_a_split_of_one_class_is_reported_in_words_without_scikit_learn_warnings
         warnings.simplefilter("always")
         assert main(["--checkpoint", str(tiny_checkpoint), "--train", str(splits["train"]), "--test",
                      str(splits["test"]), "--out", str(out), "--device", "cpu", "--num_workers", "0",
-                     "--no_baselines"]) == 0
+                     "--no_baselines", "--no_embedding"]) == 0
     assert not [w for w in caught if "sklearn" in w.filename], [str(w.message) for w in caught]
     report = json.loads((out / "report.json").read_text())
     row = report["rows"][0]
@@ -264,13 +293,14 @@ def test_a_split_of_one_class_is_reported_in_words_without_scikit_learn_warnings
         assert row["f1"] is None and row["per_class"]["tumor"]["f1"] is None
         assert report["warnings"][0] == ("the test set holds only class normal: F1 of tumor is undefined (null in "
                                          "report.json, - in report.md); add tumor patches to the test set to score it")
-        assert f"| {row['encoder']} | backbone | 1 | - |" in markdown
+        assert f"| {row['encoder']} | backbone | knn, k = 1 | - |" in markdown
     else:
         assert row["f1"] == 0.0 and row["per_class"]["tumor"]["precision"] is None  # every tumour patch missed
         assert report["warnings"] == [
             "the training set holds only class normal: every test patch is predicted normal; add patches of tumor "
             "to the training set",
-            f"{row['encoder']}, k = 1: tumor is never predicted: precision undefined (- in the per-class table)"]
+            *(f"{row['encoder']}, {classifier}: tumor is never predicted: precision undefined (- in the per-class "
+              "table)" for classifier in ("knn, k = 1", "linear, C = 1"))]
         assert f"| - / 0.000 / 0.000 ({row['per_class']['tumor']['support']}) |" in markdown
     assert "**Warnings**" in markdown and report["warnings"][-1] in markdown
 
@@ -291,7 +321,8 @@ def test_an_out_folder_that_is_a_file_or_lies_under_one_is_refused_before_any_wo
     blocker = tmp_path / "report.md"
     blocker.write_text("an earlier report")
     args = ["--checkpoint", str(tiny_checkpoint), "--train", str(tiny_demo / "knn_train.csv"),
-            "--test", str(tiny_demo / "knn_test.csv"), "--device", "cpu", "--num_workers", "0", "--no_baselines"]
+            "--test", str(tiny_demo / "knn_test.csv"), "--device", "cpu", "--num_workers", "0", "--no_baselines",
+            "--no_embedding"]
     assert main([*args, "--out", str(blocker)]) == 2
     assert capsys.readouterr().out == (f"error: --out {blocker} is a file, not a folder: pass a folder (it is "
                                        "created if needed)\n")
@@ -310,18 +341,18 @@ def test_tables_of_slide_corners_score_as_the_same_patches_written_as_files(tiny
     for split in ("train", "test"):
         shutil.copy(setup.job / f"{split}.csv", tables)
     common = ["--checkpoint", str(tiny_checkpoint), "--device", "cpu", "--num_workers", "0", "--batch_size", "3",
-              "--no_baselines", "--k", "1", "3"]
+              "--no_baselines", "--no_embedding", "--k", "1", "3"]
 
     def scores(name, folder, *where):
         out = tmp_path / name
         assert main([*common, "--train", str(folder / "train.csv"), "--test", str(folder / "test.csv"),
                      "--out", str(out), *where]) == 0
         rows = json.loads((out / "report.json").read_text())["rows"]
-        return [{key: row[key] for key in ("k", "f1", "macro_f1", "accuracy", "confusion_matrix", "train_patches",
-                                           "test_slides")} for row in rows]
+        return [{key: row[key] for key in ("classifier", "k", "f1", "macro_f1", "accuracy", "confusion_matrix",
+                                           "train_patches", "test_slides")} for row in rows]
 
     expected = scores("files", setup.patches)
-    assert [row["train_patches"] for row in expected] == [8, 8]
+    assert [(row["classifier"], row["train_patches"]) for row in expected] == [("knn", 8), ("knn", 8), ("linear", 8)]
     assert scores("job_folder", setup.job) == expected  # a table in a tiling job reads the job's slides
     assert scores("job", tables, "--job", str(setup.job)) == expected
     assert scores("coords", tables, "--coords", str(setup.coords), "--slides", str(setup.slides)) == expected

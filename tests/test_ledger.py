@@ -62,14 +62,14 @@ def test_a_checkpoint_pretrained_on_slides_records_their_names(tmp_path, capsys)
     assert ledger["digest"] == SlideSource.checked(job_pairs(setup.job))[0].identity
     assert knn_main(["--checkpoint", str(checkpoint), "--train", str(setup.job / "train.csv"), "--test",
                      str(setup.job / "test.csv"), "--out", str(tmp_path / "report"), "--device", "cpu",
-                     "--num_workers", "0", "--no_baselines"]) == 0
+                     "--num_workers", "0", "--no_baselines", "--no_embedding"]) == 0
     assert f"{row_name(str(checkpoint))}: test slides seen in pretraining: 2 of 2" in capsys.readouterr().out
 
 
 def knn(tiny_demo, checkpoint, out, *extra):
     return knn_main(["--checkpoint", str(checkpoint), "--train", str(tiny_demo / "knn_train.csv"),
                      "--test", str(tiny_demo / "knn_test.csv"), "--out", str(out), "--device", "cpu",
-                     "--num_workers", "0", "--batch_size", "32", *extra])
+                     "--num_workers", "0", "--batch_size", "32", "--no_embedding", *extra])
 
 
 @pytest.mark.parametrize("which, text, refusal", [
