@@ -35,6 +35,7 @@ from clusiam.files import check_output_folder, make_folder, write_atomically
 from clusiam.knn_eval import build_parser as knn_parser
 from clusiam.knn_eval import evaluate as knn_evaluate
 from clusiam.models import METHODS
+from clusiam.runlock import holding
 from clusiam.train import train
 from mil.compute_feats import build_parser as feats_parser
 from mil.compute_feats import compute as compute_feats
@@ -140,7 +141,14 @@ def slide_level(checkpoint: Path, name: str, paths: dict[str, Path | None], out:
 def reproduce(args: argparse.Namespace, extra: list[str]) -> dict:
     out = Path(args.out)
     check_output_folder(out, "--out")
-    paths = inputs(args)
+    paths = inputs(args) if args.data else None  # checked before OUT exists; the demo set is written into OUT
+    with holding(make_folder(out, "--out"), "--out"):
+        return protocol(args, extra, paths or inputs(args))
+
+
+def protocol(args: argparse.Namespace, extra: list[str], paths: dict[str, Path | None]) -> dict:
+    """Every stage, then the table."""
+    out = Path(args.out)
     runs = {(method, seed): pretrain(method, seed, paths["data"], out, args, extra)
             for method in args.methods for seed in args.seeds}
     knn = knn_evaluate(knn_parser().parse_args(
@@ -150,10 +158,10 @@ def reproduce(args: argparse.Namespace, extra: list[str]) -> dict:
     mil = {key: slide_level(path, f"{key[0]}_seed{key[1]}", paths, out, args) for key, path in runs.items()}
     table = summarise(runs, knn, mil, args)
     table.update(setting(args, paths, knn, table["methods"], extra))
-    make_folder(out, "--out")
     write_atomically(out / "reproduce.json", lambda temporary: temporary.write_text(json.dumps(table, indent=2)))
-    (out / "reproduce.md").write_text("\n".join(markdown(table)) + "\n")
-    print("\n".join(markdown(table)))
+    text = "\n".join(markdown(table)) + "\n"
+    (out / "reproduce.md").write_text(text)
+    print(text)
     return table
 
 

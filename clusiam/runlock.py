@@ -20,8 +20,12 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
+
+from clusiam.errors import ConfigError
 
 LOCK_NAME = "run.lock"
 HEARTBEAT_S = 60.0
@@ -59,8 +63,9 @@ def read_record(path: Path) -> dict:
 class RunLock:
     """The lock on one run folder; :meth:`acquire` it, :meth:`release` it when the run ends."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, flag: str = "--save_path") -> None:
         self.path = Path(folder) / LOCK_NAME
+        self.flag = flag  # the option that names the folder, for the refusal
         self.record = {
             "host": socket.gethostname(), "pid": os.getpid(), "process_start": process_start(os.getpid()),
             "started": datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -84,7 +89,7 @@ class RunLock:
                 if reason is None:
                     return (f"{self.path.parent} is in use by another run: host {holder.get('host')}, PID "
                             f"{holder.get('pid')}, started {holder.get('started')} (lock file {self.path}). Wait "
-                            "for it to end, or pass another --save_path")
+                            f"for it to end, or pass another {self.flag}")
                 self.take_over(holder, reason)
                 continue
             with os.fdopen(handle, "w") as file:
@@ -143,3 +148,17 @@ class RunLock:
         holder = self.holder()
         if holder is not None and holder.get("token") == self.record["token"]:
             self.path.unlink(missing_ok=True)
+
+
+@contextmanager
+def holding(folder: Path, flag: str) -> Iterator[None]:
+    """Hold ``folder``'s lock (one process, no torchrun) for the block; a folder another live
+    run holds is refused as a :class:`~clusiam.errors.ConfigError` naming that run."""
+    lock = RunLock(folder, flag)
+    refusal = lock.acquire()
+    if refusal is not None:
+        raise ConfigError(refusal)
+    try:
+        yield
+    finally:
+        lock.release()

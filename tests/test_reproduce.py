@@ -4,6 +4,7 @@ import json
 
 from clusiam.demo import DemoSpec, prepare_demo
 from clusiam.reproduce import main
+from clusiam.runlock import RunLock
 
 # Eight slides: enough for mil.train's seeded split (two test, two validation, four training slides).
 SPEC = DemoSpec(seed=1, patch_size=32, slides_per_class=4, grid=3, cmu_patches=False)
@@ -44,3 +45,16 @@ def test_the_runs_own_options_are_refused_after_the_separator(tmp_path, capsys):
     assert main(["--out", str(tmp_path / "r"), "--", "--epochs", "3"]) == 2
     assert capsys.readouterr().out.startswith("error: --epochs after --: the runs' epochs, batch_size")
     assert not (tmp_path / "r").exists()
+
+
+def test_an_out_folder_another_run_holds_is_refused(tmp_path, capsys):
+    lock = RunLock(tmp_path / "r", "--out")
+    (tmp_path / "r").mkdir()
+    assert lock.acquire() is None  # held by this live process
+    try:
+        assert main(["--out", str(tmp_path / "r"), "--device", "cpu"]) == 2
+    finally:
+        lock.release()
+    output = capsys.readouterr().out
+    assert output.startswith(f"error: {tmp_path / 'r'} is in use by another run") and "pass another --out" in output
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == []  # no demo set written, no stage run
