@@ -2,9 +2,10 @@
 features in two dimensions, coloured by label and, for a clustered checkpoint, by cluster,
 with the randomly initialised encoder's map beside it for comparison.
 
-The same seeded sample of at most 20,000 test patches is drawn for every encoder of a
-report, so the panels show the same patches. UMAP uses the cosine metric, the geometry the
-KNN search uses, and a fixed seed (which makes it run on one thread).
+The same seeded sample of at most :data:`MAX_POINTS` test patches is drawn for every encoder
+of a report (:func:`clusiam.sources.seeded_sample`), so the panels show the same patches.
+UMAP uses the cosine metric, the geometry the KNN search uses, and a fixed seed (which makes
+it run on one thread).
 """
 from __future__ import annotations
 
@@ -33,13 +34,6 @@ class Panel:
     points: np.ndarray  # (N, 2)
     categories: Sequence  # a label or cluster per point
     legend: bool  # class labels get a legend; a hundred clusters do not
-
-
-def sample(count: int, most: int = MAX_POINTS, seed: int = SEED) -> np.ndarray:
-    """The rows to map: all of them, or a seeded sample of ``most``, in order."""
-    if count <= most:
-        return np.arange(count)
-    return np.sort(np.random.default_rng(seed).choice(count, most, replace=False))
 
 
 def embed(features: np.ndarray, seed: int = SEED) -> np.ndarray:

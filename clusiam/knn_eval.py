@@ -30,7 +30,7 @@ from torch import nn
 
 from clusiam.checkpoint import load_pretrained
 from clusiam.distributed import add_dist_timeout, is_main, processes
-from clusiam.embedding import MIN_POINTS, Panel, embed, plot_panels, sample
+from clusiam.embedding import MAX_POINTS, MIN_POINTS, SEED, Panel, embed, plot_panels
 from clusiam.errors import CommandParser, ConfigError, DataError, InRange, report_command_line
 from clusiam.features import (
     FEATURE_TYPES,
@@ -54,6 +54,7 @@ from clusiam.metrics import (
 )
 from clusiam.models import PretrainModel
 from clusiam.slide_source import add_slide_options, slide_pairs
+from clusiam.sources import seeded_sample
 from clusiam.splits import LabelledPatches, read_labelled_patches, split_overlap
 
 PIXEL_BASELINE_SIZE = 16  # raw-pixel baseline: 16 x 16 x 3 = 768 values
@@ -356,7 +357,7 @@ def evaluate_on(device: torch.device, args: argparse.Namespace) -> dict | None:
     options = {"batch_size": args.batch_size, "num_workers": args.num_workers, "resize": args.resize}
     if is_main():
         make_folder(out, "--out")
-    shown = sample(len(splits.test))  # the patches every encoder's map shows
+    shown = seeded_sample(len(splits.test), MAX_POINTS, SEED)  # the patches every encoder's map shows
     draw = args.embedding and len(shown) >= MIN_POINTS
     rows, panels = [], {}
     for encoder in encoders:

@@ -34,7 +34,7 @@ from clusiam.linear_probe import train_linear_probe
 from clusiam.metrics import classification_metrics, cluster_agreement, positive_class
 from clusiam.models import PretrainModel
 from clusiam.slide_source import job_pairs, named_pairs
-from clusiam.sources import FolderSource
+from clusiam.sources import FolderSource, seeded_sample
 from clusiam.splits import LabelledPatches, read_labelled_patches, split_by_slide, table_rows
 from clusiam.tables import write_csv
 
@@ -159,7 +159,7 @@ def plan_probe(args: argparse.Namespace) -> ProbePlan:
     if positive is None:
         raise DataError(f"--probe {table}: no class is named tumor; name the positive class with --probe_positive "
                         f"(one of {', '.join(sorted(set(patches.labels)))})")
-    sample = sample_rows(len(patches), args.probe_max_patches)
+    sample = seeded_sample(len(patches), args.probe_max_patches, SPLIT_SEED)
     slides = [patches.slides[i] for i in sample]
     if len(set(slides)) < 2:
         raise DataError(f"--probe {table}: its patches come from one slide, and the probe splits by slide: use a "
@@ -173,9 +173,3 @@ def plan_probe(args: argparse.Namespace) -> ProbePlan:
     return ProbePlan(header, [rows[i] for i in train], [rows[i] for i in test], job, positive, str(table),
                      args.probe_every)
 
-
-def sample_rows(count: int, most: int) -> np.ndarray:
-    """A seeded sample of at most ``most`` of ``count`` rows, in the table's order."""
-    if count <= most:
-        return np.arange(count)
-    return np.sort(np.random.default_rng(SPLIT_SEED).choice(count, most, replace=False))

@@ -155,10 +155,10 @@ STATISTICS_SAMPLE = 20_000
 STATISTICS_SEED = 0
 
 
-def statistics_sample(count: int, sample_size: int = STATISTICS_SAMPLE, seed: int = STATISTICS_SEED) -> np.ndarray:
-    """The indices of the patches the statistics read: all ``count``, or ``sample_size`` drawn
-    without replacement by ``seed``, sorted (a slide source then reads slide by slide, its
-    workers keeping few slides open)."""
+def seeded_sample(count: int, sample_size: int, seed: int) -> np.ndarray:
+    """Indices of a sample of ``count`` patches: all of them, or ``sample_size`` drawn without
+    replacement by ``seed``, sorted (a slide source then reads slide by slide, its workers
+    keeping few slides open). The statistics, the probes and the embedding maps sample so."""
     if count <= sample_size:
         return np.arange(count)
     return np.sort(np.random.default_rng(seed).choice(count, sample_size, replace=False))
@@ -167,11 +167,11 @@ def statistics_sample(count: int, sample_size: int = STATISTICS_SAMPLE, seed: in
 def channel_statistics(source: PatchSource, num_workers: int = 0, skipped: SkipLog | None = None,
                        sample_size: int = STATISTICS_SAMPLE,
                        seed: int = STATISTICS_SEED) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std over every pixel of the patches :func:`statistics_sample`
+    """Per-channel mean and std over every pixel of the patches :func:`seeded_sample`
     picks (values in [0, 1]); with ``skipped``, over those that can be read (the others are
     listed there)."""
     dataset = source.dataset(_pixel_moments, skipped, stand_in=torch.zeros(7, dtype=torch.float64))
-    sample = Subset(dataset, statistics_sample(len(source), sample_size, seed).tolist())
+    sample = Subset(dataset, seeded_sample(len(source), sample_size, seed).tolist())
     loader = DataLoader(sample, batch_size=64, num_workers=num_workers, shuffle=False)
     total = torch.zeros(7, dtype=torch.float64)
     for moments in tqdm(loader, desc="channel statistics", unit="batch"):

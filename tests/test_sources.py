@@ -5,7 +5,7 @@ from PIL import Image
 
 from clusiam.slide_source import SlidePatches, SlideSource
 from clusiam.slides import PatchReader
-from clusiam.sources import FolderSource, cached_channel_statistics, channel_statistics, statistics_sample
+from clusiam.sources import FolderSource, cached_channel_statistics, channel_statistics, seeded_sample
 from conftest import write_pyramid
 from test_images import save_png
 
@@ -77,8 +77,8 @@ def test_statistics_of_a_large_source_come_from_a_seeded_sample_close_to_the_who
     error = np.abs(np.subtract(sample[0], whole[0]))
     assert (error > 1e-4).all() and (error < 4 * standard_error).all(), (error, standard_error)
     assert np.allclose(sample[1], whole[1], rtol=0.1) and sample[1] != whole[1]
-    assert list(statistics_sample(400, 100)) == sorted(set(statistics_sample(400, 100)))
-    assert list(statistics_sample(50, 100)) == list(range(50))  # a source no larger than the sample: all of it
+    assert list(seeded_sample(400, 100, 0)) == sorted(set(seeded_sample(400, 100, 0)))
+    assert list(seeded_sample(50, 100, 0)) == list(range(50))  # a source no larger than the sample: all of it
 
 
 def test_the_statistics_cache_records_its_sample_and_is_refreshed_for_another(tmp_path):
@@ -99,7 +99,7 @@ def test_a_slide_source_is_sampled_alike(tmp_path):
     reader = PatchReader(side0=32, size=32, level=0, read_size=32)
     corners = np.array([(x, y) for y in range(0, 224, 32) for x in range(0, 224, 32)])
     source = SlideSource([SlidePatches(slide, "s", reader, corners)])
-    picked = np.concatenate([np.asarray(source.read(i)).reshape(-1, 3) / 255 for i in statistics_sample(49, 20)])
+    picked = np.concatenate([np.asarray(source.read(i)).reshape(-1, 3) / 255 for i in seeded_sample(49, 20, 0)])
     mean, std = channel_statistics(source, sample_size=20)
     np.testing.assert_allclose(mean, picked.mean(0), atol=1e-9)
     np.testing.assert_allclose(std, picked.std(0), atol=1e-9)
