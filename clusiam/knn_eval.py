@@ -74,6 +74,7 @@ class Encoder:
     pretrained_on: list[str] | None = None  # the checkpoint's ledger; None when it has none
     clusters: nn.Module | None = None  # features -> cluster logits, for a clustered checkpoint
     epochs: int | None = None  # the checkpoint's pretraining epochs
+    random_init: bool = False  # the random-init baseline, which the report compares checkpoints with
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,7 +146,7 @@ def baseline_encoders(reference: dict) -> list[Encoder]:
     return [
         Encoder(f"random_{config['backbone']}", "backbone", random_model.backbone,
                 normalization["mean"], normalization["std"],
-                f"random {config['model_type']} {config['backbone']} {config['feat_size']} seed0"),
+                f"random {config['model_type']} {config['backbone']} {config['feat_size']} seed0", random_init=True),
         Encoder("raw_pixels", f"pixels {PIXEL_BASELINE_SIZE}x{PIXEL_BASELINE_SIZE}",
                 PixelFeatures(PIXEL_BASELINE_SIZE), normalization["mean"], normalization["std"],
                 f"pixels {PIXEL_BASELINE_SIZE}"),
@@ -269,7 +270,7 @@ def score_row(encoder: Encoder, splits: Splits, predicted: Sequence[str], classi
     """One report row: the encoder, the classifier, its scores on the test split."""
     metrics = classification_metrics(splits.test.labels, predicted, splits.classes, splits.positive)
     return {"encoder": encoder.name, "checkpoint": encoder.checkpoint, "feature": encoder.feature, **classifier,
-            **metrics, **splits.counts(), "backend": backend, "search_seconds": seconds}
+            **metrics, **splits.counts(), "backend": backend, "classifier_seconds": seconds}
 
 
 def write_tables(folder: Path, prefix: str, predicted: Sequence[str], row: dict, splits: Splits, what: str) -> None:
@@ -284,8 +285,8 @@ def write_tables(folder: Path, prefix: str, predicted: Sequence[str], row: dict,
 def below_random_init(encoders: Sequence[Encoder], rows: Sequence[dict]) -> list[str]:
     """A note for each checkpoint row that scores below the random-init encoder's row of the
     same classifier, saying when that is expected and how to tell a fault from it."""
-    random_rows = {(row["classifier"], row["k"]): row for row in rows if row["encoder"].startswith("random_")
-                   and row["checkpoint"] is None}
+    random_name = random_init_name(encoders)
+    random_rows = {(row["classifier"], row["k"]): row for row in rows if row["encoder"] == random_name}
     epochs = {encoder.name: encoder.epochs for encoder in encoders}
     notes = []
     for row in rows:
@@ -300,6 +301,11 @@ def below_random_init(encoders: Sequence[Encoder], rows: Sequence[dict]) -> list
                 "50 epochs on about 2.6 M patches). A fault looks different: collapse warnings in the run, or probe "
                 "scores (pretrain.py --probe) that fall as training goes on")
     return notes
+
+
+def random_init_name(encoders: Sequence[Encoder]) -> str | None:
+    """The random-init baseline's name (None with --no_baselines)."""
+    return next((encoder.name for encoder in encoders if encoder.random_init), None)
 
 
 def classifier_name(row: dict) -> str:
@@ -322,7 +328,7 @@ def draw_embeddings(out: Path, encoders: Sequence[Encoder], panels: dict[str, li
                     total: int) -> None:
     """``embedding.png`` in each encoder's folder: its panels, and the random-init encoder's
     (when the baselines ran) beside them."""
-    random_name = next((e.name for e in encoders if e.name.startswith("random_") and e.checkpoint is None), None)
+    random_name = random_init_name(encoders)
     for encoder in encoders:
         beside = panels[random_name][:1] if random_name and encoder.name != random_name else []
         title = f"UMAP of {shown} of {total} test patches ({encoder.feature} features)"
@@ -418,7 +424,7 @@ def write_report(out: Path, report: dict) -> None:
     ]
     for row in report["rows"]:
         f1 = score(row["f1"], 4)
-        seconds = row["encode_seconds"] + row["search_seconds"]
+        seconds = row["encode_seconds"] + row["classifier_seconds"]
         lines.append(f"| {row['encoder']} | {row['feature']} | {classifier_name(row)} | {f1} | {row['macro_f1']:.4f} | "
                      f"{row['accuracy']:.4f} | {row['balanced_accuracy']:.4f} | "
                      f"{row['train_patches']} ({row['train_slides']}) / "

@@ -200,7 +200,9 @@ def test_a_checkpoint_below_the_random_init_encoder_is_explained_row_by_row():
             row("run", "linear", None, None, "run.pth"), row("random_resnet18", "knn", 1, 0.77),
             row("random_resnet18", "knn", 5, 0.75), row("random_resnet18", "linear", None, 0.9),
             row("raw_pixels", "knn", 1, 0.95)]
-    (note,) = below_random_init([Encoder("run", "backbone", None, [], [], "", "run.pth", epochs=5)], rows)
+    encoders = [Encoder("run", "backbone", None, [], [], "", "run.pth", epochs=5),
+                Encoder("random_resnet18", "backbone", None, [], [], "", random_init=True)]
+    (note,) = below_random_init(encoders, rows)
     assert note.startswith("run, knn, k = 1: F1 0.6900 is below the random-init encoder's 0.7700")
     assert "5 epochs of pretraining" in note
 
