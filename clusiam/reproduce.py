@@ -34,13 +34,16 @@ from clusiam.errors import CommandParser, ConfigError, InRange, run_command
 from clusiam.files import check_output_folder, make_folder, write_atomically
 from clusiam.knn_eval import build_parser as knn_parser
 from clusiam.knn_eval import evaluate as knn_evaluate
+from clusiam.knn_eval import read_splits
 from clusiam.models import METHODS
 from clusiam.runlock import holding
 from clusiam.train import train
 from mil.compute_feats import build_parser as feats_parser
 from mil.compute_feats import compute as compute_feats
 from mil.train import build_parser as mil_parser
+from mil.train import check_options as check_mil_options
 from mil.train import evaluate as mil_evaluate
+from mil.train import read_protocol
 
 # Wu et al., ICCV 2023, on Camelyon16 with ResNet-18: KNN F1 from the authors' README, DSMIL
 # (accuracy, AUC(Neg.), AUC(Pos.)) from the paper's table; the paper gives no DSMIL row for BYOL.
@@ -89,7 +92,7 @@ def parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
     argv = list(sys.argv[1:] if argv is None else argv)
     own, extra = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     args = build_parser().parse_args(own)
-    fixed = [option for option in extra if option.split("=")[0].lstrip("-") in RUN_OPTIONS]
+    fixed = [option for option in extra if option.startswith("--") and option.split("=")[0][2:] in RUN_OPTIONS]
     if fixed:
         raise ConfigError(f"{fixed[0]} after --: the runs' {', '.join(RUN_OPTIONS)} are set by this command; pass the "
                           "budget options before --")
@@ -123,19 +126,40 @@ def pretrain(method: str, seed: int, data: Path, out: Path, args: argparse.Names
                                "--device", args.device, "--num_worker", str(args.num_workers), *extra]))
 
 
+def knn_options(checkpoints: Sequence[Path], paths: dict[str, Path | None], out: Path,
+                args: argparse.Namespace) -> argparse.Namespace:
+    """``evaluate_knn.py``'s options: every checkpoint in one report, at the paper's k = 1."""
+    return knn_parser().parse_args(
+        ["--checkpoint", *map(str, checkpoints), "--train", str(paths["knn_train"]), "--test", str(paths["knn_test"]),
+         "--out", str(out / "knn"), "--k", "1", "--device", args.device, "--num_workers", str(args.num_workers)])
+
+
+def mil_options(name: str, paths: dict[str, Path | None], out: Path, args: argparse.Namespace) -> argparse.Namespace:
+    """``mil.train``'s options for one run's bags."""
+    split = ["--split", str(paths["split"])] if paths["split"] else []
+    return mil_parser().parse_args(["--feats", str(out / "feats" / name), "--labels", str(paths["slide_labels"]),
+                                    "--out", str(out / "mil" / name), "--epochs", str(args.mil_epochs), "--seeds",
+                                    str(args.mil_seeds), "--folds", str(args.mil_folds), *split,
+                                    "--device", args.device])
+
+
+def check_evaluations(paths: dict[str, Path | None], out: Path, args: argparse.Namespace) -> None:
+    """The KNN tables (their overlap, k = 1) and the slide labels and split, checked as the
+    evaluations will check them, before any pretraining: a refusal then costs nothing."""
+    read_splits(knn_options([Path("unused.pth")], paths, out, args))
+    options = mil_options("check", paths, out, args)
+    check_mil_options(options)
+    read_protocol(options)
+
+
 def slide_level(checkpoint: Path, name: str, paths: dict[str, Path | None], out: Path,
                 args: argparse.Namespace) -> dict:
     """DSMIL on the checkpoint's bags of every labelled slide; the mil.train report."""
-    feats = out / "feats" / name
-    common = ["--device", args.device]
+    options = mil_options(name, paths, out, args)
     compute_feats(feats_parser().parse_args(["--checkpoint", str(checkpoint), "--patches", str(paths["mil_patches"]),
-                                             "--labels", str(paths["slide_labels"]), "--out", str(feats),
-                                             "--num_workers", str(args.num_workers), *common]))
-    split = ["--split", str(paths["split"])] if paths["split"] else []
-    return mil_evaluate(mil_parser().parse_args(["--feats", str(feats), "--labels", str(paths["slide_labels"]),
-                                                 "--out", str(out / "mil" / name), "--epochs", str(args.mil_epochs),
-                                                 "--seeds", str(args.mil_seeds), "--folds", str(args.mil_folds),
-                                                 *split, *common]))
+                                             "--labels", str(paths["slide_labels"]), "--out", options.feats,
+                                             "--num_workers", str(args.num_workers), "--device", args.device]))
+    return mil_evaluate(options)
 
 
 def reproduce(args: argparse.Namespace, extra: list[str]) -> dict:
@@ -149,12 +173,10 @@ def reproduce(args: argparse.Namespace, extra: list[str]) -> dict:
 def protocol(args: argparse.Namespace, extra: list[str], paths: dict[str, Path | None]) -> dict:
     """Every stage, then the table."""
     out = Path(args.out)
+    check_evaluations(paths, out, args)
     runs = {(method, seed): pretrain(method, seed, paths["data"], out, args, extra)
             for method in args.methods for seed in args.seeds}
-    knn = knn_evaluate(knn_parser().parse_args(
-        ["--checkpoint", *map(str, runs.values()), "--train", str(paths["knn_train"]), "--test",
-         str(paths["knn_test"]), "--out", str(out / "knn"), "--k", "1", "--device", args.device,
-         "--num_workers", str(args.num_workers)]))
+    knn = knn_evaluate(knn_options(list(runs.values()), paths, out, args))
     mil = {key: slide_level(path, f"{key[0]}_seed{key[1]}", paths, out, args) for key, path in runs.items()}
     table = summarise(runs, knn, mil, args)
     table.update(setting(args, paths, knn, table["methods"], extra))

@@ -41,6 +41,16 @@ def test_the_protocol_runs_every_method_and_its_table_repeats_the_reports(tmp_pa
     assert markdown in capsys.readouterr().out
 
 
+def test_labels_mil_cannot_use_are_refused_before_any_pretraining(tmp_path, capsys):
+    data = prepare_demo(tmp_path / "demo", SPEC) / "synthetic"
+    labels = tmp_path / "slides.csv"
+    labels.write_text("slide,label\n" + "".join(f"{slide.name},{'abc'[i % 3]}\n"
+                                               for i, slide in enumerate(sorted(data.glob("*/*")))))
+    assert main([str(data), "--out", str(tmp_path / "r"), "--slide_labels", str(labels), "--device", "cpu"]) == 2
+    assert capsys.readouterr().out.startswith(f"error: {labels}: slide classification here is binary")
+    assert not (tmp_path / "r" / "runs").exists()
+
+
 def test_the_runs_own_options_are_refused_after_the_separator(tmp_path, capsys):
     assert main(["--out", str(tmp_path / "r"), "--", "--epochs", "3"]) == 2
     assert capsys.readouterr().out.startswith("error: --epochs after --: the runs' epochs, batch_size")
