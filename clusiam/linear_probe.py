@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import f1_score
 
 from clusiam.errors import ConfigError
+from clusiam.metrics import classification_metrics
 from clusiam.splits import split_by_slide
 
 C_GRID = tuple(10.0 ** power for power in range(-4, 3))  # 1e-4 ... 1e2, the usual log grid
@@ -158,7 +158,6 @@ def train_linear_probe(features: np.ndarray, labels: Sequence[str], slides: Sequ
         for c in C_GRID:
             model = fit(features[fit_rows], [labels[i] for i in fit_rows], c, solver, device)
             predicted = model.predict(features[val_rows])
-            scores[f"{c:g}"] = float(f1_score(val_labels, predicted, labels=sorted(set(val_labels)), average="macro",
-                                              zero_division=0))
+            scores[f"{c:g}"] = classification_metrics(val_labels, predicted, model.classes, None)["macro_f1"]
     best = max(C_GRID, key=lambda c: (scores[f"{c:g}"], -c)) if scores else DEFAULT_C
     return LinearProbe(fit(features, labels, best, solver, device), best, solver, scores, notes)
