@@ -1,173 +1,147 @@
-"""How fast one DataLoader worker gets patches from slides, against decoding patch files, and
-what a slide source's workers hold in memory.
+"""How fast DataLoader workers feed pretraining from scanner-size slides, in slide order and in
+the training's order, and what each worker holds in memory.
 
-    python benchmarks/read_rate.py --work /tmp/read_rate [--patches 2000] [--workers 8] [--slides 200]
+    python benchmarks/read_rate.py --work /tmp/read_rate [--slides 270] [--workers 2] [--batch_size 512]
 
-1. Patches/s of one process (what one DataLoader worker delivers) reading 224 px patches of
-   real H&E (the CC0 slide, cut at the same tissue positions every way):
-   - a :class:`~clusiam.slide_source.SlideSource` on a 20x slide (0.5 um/px, levels 1, 4 and 16,
-     256 px JPEG tiles): the patch is read at level 0, no resize;
-   - a SlideSource on a 40x-only slide (the same tissue upsampled to 0.25 um/px, one level):
-     448 px read and resized to 224 (Lanczos), what a 40x scan without a 20x level costs;
-   - the 20x SlideSource over ``--slides`` slides (links to one file) in a shuffled order, as
-     an epoch asks: with OPEN_SLIDES handles per process, most reads open their slide again;
-   - a :class:`~clusiam.sources.FolderSource` of the same pixels as PNG files, and as JPEG (quality 90).
-   Files are read once before timing (warm page cache), as are slides. Then the time to open a slide
-   and read one patch from it.
-2. Peak memory of a SlideSource over ``--slides`` slides (links to the 20x slide), read in
-   random order by ``--workers`` DataLoader workers: every process keeps its own
-   OPEN_SLIDES handles, closing the least recently used, so the slides cycle through them.
-   Each worker reports its peak resident set (ru_maxrss, which counts pages shared with the
-   main process once per worker) and its proportional set (Pss, shared pages split among the
-   processes that share them, so that the Pss of all processes add up). Run in a process of
-   its own, so that the workers do not inherit what writing the slides took.
+Two generated pyramidal TIFFs the size of a Camelyon16 scan (benchmarks/scanner_slides.py:
+100,000 x 200,000 px at 0.25 um/px, 256 px JPEG tiles, 15 % tissue), one with a level every
+2x (a 20x level to read from) and one every 4x (Aperio's 40x, 10x, 2.5x: 20x patches are read
+at 40x and resized), each behind ``--slides`` links with TRIDENT's coordinate files of 224 px
+patches at 20x (``<slide>_patches.h5``, about 15,000 patches per slide). For each pyramid:
 
-The generated slides are small (2220 x 2967 px at 20x) and in the page cache: opening a
-scanner's multi-gigabyte file reads more of it, so reopening costs more there.
+- the cost of opening a slide and reading its first patch;
+- patches/s per worker with ``--workers`` workers, batches of ``--batch_size``, the way
+  pretraining's loader delivers them (what the workers do to a patch included), in slide
+  order (each slide's patches in its file's order, slide after slide) and in the training
+  sampler's order;
+- each worker's peak Pss (shared pages split among their sharers, so the figures add up);
+- the distinct slides in each batch (fewest and mean).
+
+The files sit in the page cache (warm reads), as on a machine that has read them once.
 """
 from __future__ import annotations
 
 import argparse
-import resource
-import subprocess
+import multiprocessing
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, get_worker_info
-from tqdm import tqdm
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from clusiam.slide_source import OPEN_SLIDES, SlidePatches, SlideSource
-from clusiam.slides import PatchReader, open_slide
-from clusiam.sources import FolderSource, PatchSource
+from clusiam.images import uint8_tensor
+from clusiam.slide_source import SlideSource, folder_pairs
+from clusiam.slides import open_slide
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from startup import cmu_region, tissue_corners, write_pyramid  # noqa: E402
+from scanner_slides import tissue_grid, write_scanner_slide, write_trident_coords  # noqa: E402
 
-SIZE = 224
-
-
-def slide_source(path: Path, corners: np.ndarray, side0: int, names: int = 1) -> SlideSource:
-    """A source of ``corners`` (level-0 pixels) of ``side0`` px read at SIZE px, from ``path``
-    under ``names`` names (links to it), each with all of the corners."""
-    with open_slide(path) as slide:
-        reader = PatchReader.for_slide(slide, side0, SIZE)
-    links = [path]
-    for index in range(1, names):
-        links.append(path.with_name(f"{path.stem}_{index:04d}{path.suffix}"))
-        links[-1].unlink(missing_ok=True)
-        links[-1].symlink_to(path.name)
-    return SlideSource([SlidePatches(link, link.stem, reader, corners) for link in links])
+PATCH_PX, MAGNIFICATION = 224, 20
 
 
-def patch_files(folder: Path, region: np.ndarray, corners: np.ndarray, fmt: str, options: dict) -> FolderSource:
-    folder.mkdir(parents=True, exist_ok=True)
-    files = []
-    for index, (x, y) in enumerate(corners):
-        files.append(folder / f"{index:05d}.{fmt.lower()}")
-        Image.fromarray(region[y : y + SIZE, x : x + SIZE]).save(files[-1], fmt, **options)
-    return FolderSource(files)
+def cohort(work: Path, step: int, slides: int) -> tuple[Path, Path]:
+    """(coords folder, slides folder) of ``slides`` links to one scanner-size slide with levels every ``step``x."""
+    scan = write_scanner_slide(work / f"scan_{step}x.tif", step)
+    coords = tissue_grid(scan, PATCH_PX, MAGNIFICATION)
+    slides_dir, coords_dir = work / f"slides_{step}x", work / f"coords_{step}x"
+    slides_dir.mkdir(parents=True, exist_ok=True)
+    for index in range(slides):
+        link = slides_dir / f"slide_{index:04d}.tif"
+        if not link.is_symlink():
+            link.symlink_to(scan)
+        target = coords_dir / f"{link.stem}_patches.h5"
+        if not target.is_file():
+            write_trident_coords(target, coords, link.stem, PATCH_PX, MAGNIFICATION)
+    return coords_dir, slides_dir
 
 
-def patches_per_second(source: PatchSource, order: np.ndarray | None = None) -> float:
-    """Patches read per second, in ``order`` (default: the source's), after a few to open and warm up."""
-    order = np.arange(len(source)) if order is None else order
-    for index in order[:50]:
-        source.read(int(index))
+def opening_cost(source: SlideSource, count: int = 20) -> float:
+    """Milliseconds to open a slide and read its first patch (``count`` slides, each opened once)."""
     started = time.perf_counter()
-    for index in order:
-        source.read(int(index))
-    return len(order) / (time.perf_counter() - started)
+    for entry in source.entries[:count]:
+        with open_slide(entry.path) as slide:
+            x, y = entry.coords[0]
+            entry.reader.read(slide, int(x), int(y))
+    return (time.perf_counter() - started) / count * 1e3
 
 
-def proc_kib(file: str, field: str) -> int:
-    """A memory figure of this process in KiB, from /proc/self/``file``: ``Pss`` (smaps_rollup)
-    or ``VmHWM`` (status, the peak resident set since this process started its program)."""
-    for line in Path(f"/proc/self/{file}").read_text().splitlines():
-        if line.startswith(f"{field}:"):
+def pss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
             return int(line.split()[1])
-    raise OSError(f"no {field} line in /proc/self/{file}")
+    return 0
 
 
-def worker_memory(_image: Image.Image) -> torch.Tensor:
-    """Which worker read the patch, with its peak RSS (ru_maxrss) and its Pss now (KiB)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return torch.tensor([get_worker_info().id, peak, proc_kib("smaps_rollup", "Pss")])
+class SlideOrder(Sampler):
+    """The first ``count`` patches in the source's own order: slide after slide, each in its file's order."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def __iter__(self):
+        return iter(range(self.count))
+
+    def __len__(self) -> int:
+        return self.count
 
 
-def memory_of_workers(source: SlideSource, workers: int) -> None:
-    """Read every patch of ``source`` in random order with ``workers`` workers; print their peaks.
-    The main process's peak is VmHWM: its ru_maxrss would carry the peak of the process that
-    launched it (Linux keeps it across exec)."""
-    peak_rss, peak_pss = np.zeros(workers, dtype=np.int64), np.zeros(workers, dtype=np.int64)
-    loader = DataLoader(source.dataset(worker_memory), batch_size=16, shuffle=True, num_workers=workers,
-                        generator=torch.Generator().manual_seed(0))
+def training_sampler(source: SlideSource, batch_size: int, epoch: int) -> Sampler:
+    """The order pretraining reads an epoch in (one process)."""
+    sampler = DistributedSampler(range(len(source)), num_replicas=1, rank=0, shuffle=True, seed=0, drop_last=True)
+    sampler.set_epoch(epoch)
+    return sampler
+
+
+def measure(source: SlideSource, sampler: Sampler, batch_size: int, workers: int, batches: int) -> dict:
+    """Per-worker patches/s over ``batches`` batches (after two to start the workers), peak Pss per worker,
+    distinct slides per batch."""
+    dataset = source.dataset(uint8_tensor)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=True,
+                        persistent_workers=False, prefetch_factor=2)
+    indices = np.fromiter(iter(sampler), dtype=np.int64, count=len(sampler))
+    slide_of = np.searchsorted(source.offsets, indices, side="right") - 1
+    per_batch = [len(np.unique(slide_of[i * batch_size:(i + 1) * batch_size])) for i in range(batches + 2)]
+    peak = {}
+    iterator = iter(loader)
+    for _ in range(2):
+        next(iterator)
     started = time.perf_counter()
-    for batch in tqdm(loader, desc=f"{workers} workers over {len(source.entries)} slides"):
-        for worker, rss, pss in batch.tolist():
-            peak_rss[worker], peak_pss[worker] = max(peak_rss[worker], rss), max(peak_pss[worker], pss)
+    for _ in range(batches):
+        next(iterator)
+        for child in multiprocessing.active_children():
+            peak[child.pid] = max(peak.get(child.pid, 0), pss_kib(child.pid))
     seconds = time.perf_counter() - started
-    print(f"{workers} workers, {len(source.entries)} slides, {len(source)} patches in random order "
-          f"({len(source) / seconds:.0f} patches/s in all); each process keeps at most OPEN_SLIDES = {OPEN_SLIDES} "
-          f"slides open, {OPEN_SLIDES * (workers + 1)} handles at most across the workers and the main process")
-    print(f"  main process: peak RSS {proc_kib('status', 'VmHWM') / 1024:.0f} MiB, Pss "
-          f"{proc_kib('smaps_rollup', 'Pss') / 1024:.0f} MiB")
-    print(f"  per worker: peak RSS (ru_maxrss) {peak_rss.min() / 1024:.0f}-{peak_rss.max() / 1024:.0f} MiB (sum "
-          f"{peak_rss.sum() / 1024:.0f} MiB, pages shared with the main process counted in each); peak Pss "
-          f"{peak_pss.min() / 1024:.0f}-{peak_pss.max() / 1024:.0f} MiB (sum {peak_pss.sum() / 1024:.0f} MiB)")
-
-
-def grid(path: Path, count: int) -> np.ndarray:
-    """The first ``count`` corners of a grid of SIZE px patches over the slide at ``path``."""
-    with open_slide(path) as slide:
-        width, height = slide.dimensions
-    corners = [(x, y) for y in range(0, height - SIZE, SIZE) for x in range(0, width - SIZE, SIZE)]
-    return np.array(corners[:count], dtype=np.int64)
+    del iterator
+    return {"per_worker": batches * batch_size / seconds / workers, "pss_mib": [v / 1024 for v in peak.values()],
+            "slides_min": min(per_batch), "slides_mean": float(np.mean(per_batch))}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, required=True, help="folder for the generated slides and files")
-    parser.add_argument("--patches", type=int, default=2000, help="patches read each way")
-    parser.add_argument("--workers", type=int, default=8)
-    parser.add_argument("--slides", type=int, default=200)
-    parser.add_argument("--per_slide", type=int, default=20, help="patches per slide of the memory measurement")
-    parser.add_argument("--memory", action="store_true",
-                        help="only part 2, on the slide part 1 wrote (run in a process of its own, so that the "
-                             "workers do not inherit the memory that writing the slides took)")
+    parser.add_argument("--work", type=Path, required=True, help="folder for the generated slides and coordinates")
+    parser.add_argument("--slides", type=int, default=270)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch_size", type=int, default=512)
+    parser.add_argument("--batches", type=int, default=8, help="batches timed each way")
     args = parser.parse_args()
-    at_20x = args.work / "cmu_20x.tif"
-    if args.memory:
-        memory_of_workers(slide_source(at_20x, grid(at_20x, args.per_slide), SIZE, names=args.slides), args.workers)
-        return
-    args.work.mkdir(parents=True, exist_ok=True)
-    region = cmu_region()
-    corners = tissue_corners(region, args.patches, SIZE)
-    write_pyramid(at_20x, region, mpp=0.5, downsamples=(1, 4, 16), magnification=20, tile=256)
-    upsampled = Image.fromarray(region).resize((2 * region.shape[1], 2 * region.shape[0]), Image.LANCZOS)
-    at_40x = write_pyramid(args.work / "cmu_40x_only.tif", upsampled, mpp=0.25, downsamples=(1,), magnification=40,
-                           tile=256)
-    many = slide_source(at_20x, corners[: args.patches // args.slides + 1], SIZE, names=args.slides)
-    shuffled = np.random.default_rng(0).permutation(len(many))[: args.patches]  # a shuffled epoch's order
-    ways = {
-        "slide, 20x level (no resize)": (slide_source(at_20x, corners, SIZE), None),
-        "slide, 40x only (448 px read, resized 2x)": (slide_source(at_40x, 2 * corners, 2 * SIZE), None),
-        f"slide, 20x, in random order over {args.slides} slides": (many, shuffled),
-        "PNG files": (patch_files(args.work / "png", region, corners, "PNG", {}), None),
-        "JPEG files (quality 90)": (patch_files(args.work / "jpeg", region, corners, "JPEG", {"quality": 90}), None),
-    }
-    for way, (source, order) in ways.items():
-        print(f"{SIZE} px, one process, {way:<46} {patches_per_second(source, order):7.0f} patches/s", flush=True)
-    started = time.perf_counter()
-    for x, y in corners[:20]:
-        with open_slide(at_20x) as slide:
-            slide.read_region((int(x), int(y)), 0, (SIZE, SIZE))
-    print(f"opening a slide and reading one patch: {(time.perf_counter() - started) / 20 * 1e3:.1f} ms", flush=True)
-    subprocess.run([sys.executable, __file__, "--work", str(args.work), "--workers", str(args.workers), "--slides",
-                    str(args.slides), "--per_slide", str(args.per_slide), "--memory"], check=True)
+    torch.set_num_threads(1)
+    for step in (2, 4):
+        coords_dir, slides_dir = cohort(args.work, step, args.slides)
+        source, _ = SlideSource.checked(folder_pairs(coords_dir, slides_dir), skip=True)
+        entry = source.entries[0]
+        print(f"levels every {step}x: {len(source.entries)} slides, {len(source)} patches; read at level "
+              f"{entry.reader.level} as {entry.reader.read_size} px -> {entry.reader.size} px; opening a slide and "
+              f"reading a patch: {opening_cost(source):.1f} ms", flush=True)
+        count = (args.batches + 2) * args.batch_size
+        for order, sampler in (("slide order", SlideOrder(count)),
+                               ("training order", training_sampler(source, args.batch_size, epoch=0))):
+            result = measure(source, sampler, args.batch_size, args.workers, args.batches)
+            pss = ", ".join(f"{value:.0f}" for value in result["pss_mib"])
+            print(f"  {order:<15} {result['per_worker']:6.0f} patches/s per worker ({args.workers} workers); peak "
+                  f"Pss per worker {pss} MiB; distinct slides per batch: fewest {result['slides_min']}, mean "
+                  f"{result['slides_mean']:.1f}", flush=True)
 
 
 if __name__ == "__main__":
