@@ -30,8 +30,12 @@ setup(
         "timm",
         "safetensors",
         "umap-learn",  # the embedding maps of the KNN report
+        "fsspec",  # slides and coordinate files read from URLs (clusiam/storage.py)
+        "universal_pathlib",
     ],
-    # transformers' SegformerModel is the independent reference the MiT-B1 tests compare against;
-    # ruff lints the code (ruff.toml) before the tests run.
-    extras_require={"test": ["pytest", "transformers", "ruff~=0.17.0"]},
+    # cloud: fsspec's filesystems for s3:// and gs:// slides. test: transformers' SegformerModel is the
+    # independent reference the MiT-B1 tests compare against; s3fs with moto's S3 server, started by the
+    # tests on 127.0.0.1, reads slides from S3; ruff lints the code (ruff.toml) before the tests run.
+    extras_require={"cloud": ["s3fs", "gcsfs"],
+                    "test": ["pytest", "transformers", "ruff~=0.17.0", "s3fs", "moto[server]"]},
 )

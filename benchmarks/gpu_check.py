@@ -19,8 +19,8 @@ Steps, each a command run in its own process (stopping at the first that fails, 
 
 Writes ``OUT/gpu_check.json`` (per step: command, seconds, exit status, figures, last
 output lines) and prints one readable line per step. ``--wheels DIR`` first installs the
-wheels in DIR (what a bare GPU image with torch lacks: lightly, faiss, tiffslide, ...) into
-``OUT/site``, for this process and every step.
+wheels in DIR (what a bare GPU image with torch lacks: lightly, faiss, tiffslide,
+universal_pathlib, ...) into ``OUT/site``, for this process and every step.
 """
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch.utils.data import default_collate
 from torchvision.transforms import v2
 
 BLUR_SIGMA = (0.1, 2.0)
@@ -320,6 +321,48 @@ class BatchViews:
         return (out - self.mean) / self.std
 
     def __call__(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two views of a uint8 batch, or of float images in [0, 1] (:func:`stored_patches`)."""
         n, _, height, width = batch.shape
-        images = batch.float().div_(255)
+        images = batch.float().div_(255) if batch.dtype == torch.uint8 else batch
         return tuple(self.apply(images, sample_view_params(n, height, width, self.recipe)) for _ in range(2))
+
+
+# ---------------------------------------------------------------------------------------
+# Patches as stored, from the DataLoader workers to the training device. A slide without a
+# pyramid level at the patches' resolution (most 40x Aperio files: levels at 40x, 10x,
+# 2.5x) gives twice the patch size; resizing there, on the training device, spares the
+# workers' CPUs the costliest step of reading such a patch.
+# ---------------------------------------------------------------------------------------
+
+StoredPart = list[tuple[list[int], torch.Tensor]]  # (positions in the part, (n, H, W, 3) uint8) per size
+
+
+def stack_by_size(patches: Sequence[torch.Tensor]) -> StoredPart:
+    """A DataLoader ``collate_fn``: one part's (H, W, 3) uint8 patches, stacked by size (a cohort
+    may mix slides read at the patch size and at twice it)."""
+    sizes: dict[tuple[int, ...], list[int]] = {}
+    for position, patch in enumerate(patches):
+        sizes.setdefault(tuple(patch.shape), []).append(position)
+    return [(positions, default_collate([patches[i] for i in positions])) for positions in sizes.values()]
+
+
+def stored_patches(parts: Sequence[StoredPart], size: int | None, device: torch.device) -> torch.Tensor:
+    """The parts of one step as float images in [0, 1], (N, 3, size, size) on ``device`` in the
+    parts' order; patches stored larger are resized there, as the crop of the views resizes them
+    anyway, with antialiased bicubic (PIL's BICUBIC, which TRIDENT resizes with: within 0.3 of
+    255 of it on average; the CPU's Lanczos differs from either by about 1.7). ``size`` None: as
+    stored (one size)."""
+    pieces, positions, start = [], [], 0
+    for part in parts:
+        for places, stacked in part:
+            images = to_device(stacked, device).permute(0, 3, 1, 2).float().div_(255)
+            if size is not None and images.shape[-2:] != (size, size):
+                images = F.interpolate(images, size=(size, size), mode="bicubic", antialias=True,
+                                       align_corners=False).clamp_(0, 1)
+            pieces.append(images)
+            positions.extend(start + place for place in places)
+        start += sum(len(places) for places, _ in part)
+    images = torch.cat(pieces)
+    if positions != sorted(positions):
+        images = images[torch.as_tensor(positions, device=device).argsort()]
+    return images

@@ -45,9 +45,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if path.is_dir():
         inside = " (it holds last.pth)" if (path / "last.pth").is_file() else ""
         raise CheckpointError(f"{path} is a folder, not a checkpoint{inside}: pass the checkpoint file, e.g. "
-                              f"{path / 'last.pth'}, or resume a run folder with --save_path {path} --resume auto")
+                              f"{path / 'last.pth'}; to resume its run, pretrain.py --save_path {path} --resume auto")
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist: check the path given to --resume/--checkpoint")
+        raise CheckpointError(f"checkpoint {path} does not exist: check its path")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:

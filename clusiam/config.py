@@ -21,6 +21,7 @@ from clusiam.distributed import add_dist_timeout
 from clusiam.errors import CommandParser, ConfigError, InRange
 from clusiam.files import check_output_folder
 from clusiam.models import METHODS
+from clusiam.order import SLIDES_PER_BATCH
 from clusiam.slide_source import is_job
 
 
@@ -108,9 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--patch_size", default=None, type=int, action=InRange, at_least=1,
                       help="read every patch from slides at this side in pixels, over the field of view its "
                            "coordinate file gives (default: the files' patch_size; needed when they differ)")
+    data.add_argument("--slides_per_batch", default=SLIDES_PER_BATCH, type=int, action=InRange, at_least=1,
+                      help="patches read from slides: every global batch mixes at least this many slides (when "
+                           "there are as many of about equal size), while each DataLoader worker reads a few of "
+                           "them at a time (see clusiam/order.py)")
     data.add_argument("--skip_bad_files", default=False, action=argparse.BooleanOptionalAction,
                       help="leave unreadable or too-small images, unreadable or mismatched slides and patches "
-                           "outside their slide out (listed in SAVE_PATH/skipped_files.txt) instead of stopping")
+                           "wholly outside their slide out (listed in SAVE_PATH/skipped_files.txt) instead of stopping")
 
     probes = parser.add_argument_group("probes while training (see clusiam/probe.py)")
     probes.add_argument("--probe", default=None, metavar="TABLE",

@@ -25,6 +25,7 @@ import numpy as np
 
 from clusiam.errors import DataError
 from clusiam.slides import PatchReader
+from clusiam.storage import readable
 
 # A tiling job (python -m clusiam.tile --out JOB): which slide file each coordinate file was
 # made from, and the folder of the coordinate files (JOB/coords/<slide>.h5).
@@ -94,10 +95,17 @@ class SlideCoords:
         return PatchReader.for_slide(slide, side0, size or self.size)
 
 
+def read_attributes(path: Path) -> dict:
+    """The attributes of a (checked) coordinate file's ``coords``, which a bag's ``coords``
+    carries on (as TRIDENT's feature files do), so that a reader of the bag knows what a patch covers."""
+    with h5py.File(readable(path), "r") as handle:
+        return dict(handle["coords"].attrs)
+
+
 def read_coords(path: Path) -> SlideCoords:
     """A coordinate file in TRIDENT's, CLAM's or the tiler's layout."""
     try:
-        with h5py.File(path, "r") as handle:
+        with h5py.File(readable(path), "r") as handle:
             if "coords" not in handle:
                 raise DataError(f"{path} holds no 'coords' dataset: pass coordinate files written by "
                                 "python -m clusiam.tile, TRIDENT or CLAM")

@@ -117,7 +117,7 @@ def export(checkpoint: Path, fmt: str, out: Path, bgr: bool = False, safetensors
     backbone = state["config"]["backbone"]
     family = backbone_family(backbone)
     if family != FAMILY_OF_FORMAT[fmt]:
-        raise ExportError(f"{checkpoint} was pretrained with --backbone {backbone}; --format {fmt} needs "
+        raise ExportError(f"{checkpoint} was pretrained with the {backbone} backbone; --format {fmt} needs "
                           f"{BACKBONES_OF_FORMAT[fmt]}")
     weights = export_state(model.backbone, fmt, bgr)
     check_state(weights, fmt, backbone)

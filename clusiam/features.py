@@ -57,7 +57,15 @@ class PatchTensors(Dataset):
 
     def __getitem__(self, item: int) -> torch.Tensor:
         index = self.indices[item]
-        image = self.source.read(index)
+        return self.tensor(index, self.source.read(index))
+
+    def __getitems__(self, items: list[int]) -> list[torch.Tensor]:
+        """Items at once (a DataLoader batch): each slide's patches read together (:meth:`PatchSource.read_many`)."""
+        indices = [self.indices[item] for item in items]
+        return [self.tensor(index, image) for index, image in zip(indices, self.source.read_many(indices))]
+
+    def tensor(self, index: int, image: Image.Image) -> torch.Tensor:
+        """Patch ``index`` (its ``image``) as a tensor of the expected size."""
         if self.size is not None and image.size != self.expected:
             image = image.resize(self.expected, resample=Image.BILINEAR)
         elif image.size != self.expected:

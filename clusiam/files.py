@@ -19,21 +19,27 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from clusiam.errors import ConfigError, DataError, DiskFullError
+from clusiam.storage import is_local, list_files, location
 
 
 def find_files(root: str | os.PathLike, extensions: Sequence[str], noun: str, folder_advice: str,
                empty_advice: str) -> list[Path]:
-    """All files under ``root`` at any depth whose suffix is one of ``extensions``, sorted
-    for a stable order; a missing folder or no match is a :class:`DataError` with advice."""
-    root = Path(root)
+    """All files under ``root`` (a folder, or a URL: :mod:`clusiam.storage`) at any depth whose
+    suffix is one of ``extensions``, sorted for a stable order; a missing folder or no match
+    is a :class:`DataError` with advice."""
+    root = location(root)
     if not root.is_dir():
         state = "is not a folder" if root.exists() else "does not exist"
         raise DataError(f"{root} {state}: {folder_advice}")
-    found = list(scan_files(str(root), tuple(extensions)))
+    if is_local(root):
+        found = list(scan_files(str(root), tuple(extensions)))
+        found.sort(key=lambda path: path.split(os.sep))  # part by part, the order of sorted Paths, at less cost
+        found = [Path(path) for path in found]
+    else:
+        found = sorted(list_files(root, tuple(extensions)), key=lambda path: str(path).split("/"))
     if not found:
         raise DataError(f"no {noun} ({', '.join(extensions)}) found under {root}: {empty_advice}")
-    found.sort(key=lambda path: path.split(os.sep))  # part by part, the order of sorted Paths, at less cost
-    return [Path(path) for path in found]
+    return found
 
 
 def scan_files(folder: str, extensions: tuple[str, ...]) -> Iterator[str]:

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from clusiam.errors import DataError
 from clusiam.files import file_list_key, find_files, read_cache, write_cache
+from clusiam.storage import is_url
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk every complete PNG ends with
@@ -28,6 +29,9 @@ CHECK_CHUNK = 4096
 
 def find_images(root: str | os.PathLike, option: str) -> list[Path]:
     """All patch images under ``root`` at any depth; ``option`` names where ``root`` came from."""
+    if is_url(root):
+        raise DataError(f"{root} is not a tiling job (no job.json there), and patch images are read from local "
+                        "folders only: from a URL, pass a tiling job or --coords URL --slides URL")
     return find_files(root, IMAGE_EXTENSIONS, "images", f"give {option} a folder of patch images",
                       "check the path, or tile slides into patches first")
 

@@ -6,10 +6,13 @@ of patch files, and no patch is written to disk.
     SlideSource.checked(folder_pairs(COORDS_DIR, SLIDES_DIR))     # TRIDENT's or CLAM's coordinates
 
 Checks are per slide, before training: the slide opens, it is the slide its coordinates were
-made from (the level-0 size, where the file records it), every patch lies inside it, and
-the patches of all slides have one size. A slide that fails is a named error, or with
-``skip`` left out and listed. Each process (and DataLoader worker) keeps its own few slides
-open: readers are not shared across processes.
+made from (the level-0 size, where the file records it), no patch lies wholly outside it,
+and the patches of all slides have one size. A patch that reaches past the slide's edge
+(TRIDENT's grid runs while x < width; CLAM pads) is read padded with black, as TRIDENT and
+CLAM read it through OpenSlide. A slide that fails is a named error, or with ``skip`` left
+out and listed. Each process (and DataLoader worker) keeps its own slides open, the least
+recently used closed beyond ``open_slides``; the training order (:mod:`clusiam.order`) keeps
+each worker on a few slides at a time.
 """
 from __future__ import annotations
 
@@ -31,13 +34,15 @@ from clusiam.coords import COORDS, JOB_FILE, SlideCoords, read_coords
 from clusiam.errors import ConfigError, DataError, UserError
 from clusiam.files import find_files
 from clusiam.images import Checked
-from clusiam.slides import SLIDE_EXTENSIONS, PatchReader, open_slide
+from clusiam.slides import SLIDE_EXTENSIONS, LevelTiles, PatchReader, SlideLevel, open_level, open_slide
 from clusiam.sources import PatchSource
+from clusiam.storage import join, location, version
 
-OPEN_SLIDES = 16  # slide handles each process keeps open (least recently used closed first)
+# Slides each process keeps open by default (least recently used closed first); an open
+# scanner-size slide costs a few MiB when read tile by tile (clusiam.slides.LevelTiles).
+OPEN_SLIDES = 64
 TRIDENT_SUFFIX = "_patches"  # TRIDENT names a slide's coordinate file <slide>_patches.h5
 Pair = tuple[Path, Path]  # a slide file and its coordinate file
-EDGE_TOLERANCE = 1  # level-0 pixels a patch may reach past the slide's edge (rounding of the grid)
 
 
 @dataclass(frozen=True)
@@ -52,40 +57,43 @@ class SlidePatches:
     def key(self) -> str:
         """A key that changes with the slide's file (path, size, modification time), how its
         patches are read, or any corner: for caches and reruns that must not reuse stale work."""
-        status = self.path.stat()
-        digest = hashlib.sha256(f"{self.path}\t{status.st_size}\t{status.st_mtime_ns}\t{self.reader}\n".encode())
+        digest = hashlib.sha256(f"{self.path}\t{version(self.path)}\t{self.reader}\n".encode())
         digest.update(np.ascontiguousarray(self.coords).tobytes())
         return digest.hexdigest()
 
 
 def is_job(folder: str | os.PathLike | None) -> bool:
-    """Whether ``folder`` is a tiling job (it holds job.json), whose patches are read from its slides."""
-    return folder is not None and (Path(folder) / JOB_FILE).is_file()
+    """Whether ``folder`` (a path or URL) is a tiling job (it holds job.json): patches read from its slides."""
+    return folder is not None and (location(folder) / JOB_FILE).is_file()
 
 
-def job_pairs(job_dir: Path) -> list[tuple[Path, Path]]:
-    """(slide file, coordinate file) of each slide of a tiling job that has coordinates; a
-    slide path recorded relative is taken from the job folder, so a job moves with its slides."""
+def job_pairs(job: str | os.PathLike) -> list[tuple[Path, Path]]:
+    """(slide file, coordinate file) of each slide of a tiling job (a path or URL) that has
+    coordinates; a slide path recorded relative is taken from the job folder, so a job moves
+    with its slides (to object storage too, where a recorded URL is taken as it is)."""
+    job_dir = location(job)
     record = job_dir / JOB_FILE
     if not record.is_file():
         raise DataError(f"{job_dir} is not a tiling job (no {JOB_FILE}): pass the --out folder of "
-                        "python -m clusiam.tile, or --coords DIR --slides DIR")
+                        "python -m clusiam.tile")
     try:
         slides = json.loads(record.read_text())["slides"]
-        pairs = [(job_dir / slides[name], job_dir / COORDS / f"{name}.h5") for name in sorted(slides)]
+        pairs = [(join(job_dir, slides[name]), job_dir / COORDS / f"{name}.h5") for name in sorted(slides)]
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise DataError(f"{record} is not a tiling job record ({type(error).__name__}: {error}): tile the slides "
                         "again with python -m clusiam.tile") from None
-    pairs = [(slide, coords) for slide, coords in pairs if coords.is_file()]
+    listed = {path.name for path in (job_dir / COORDS).iterdir()} if (job_dir / COORDS).is_dir() else set()
+    pairs = [(slide, coords) for slide, coords in pairs if coords.name in listed]
     if not pairs:
         raise DataError(f"{job_dir / 'coords'} holds no coordinate file of the {len(slides)} slides in {record}: "
                         "tile the slides again, or pass another job")
     return pairs
 
 
-def folder_pairs(coords_dir: Path, slides_dir: Path) -> list[tuple[Path, Path]]:
-    """(slide file, coordinate file) pairs matched by name (see :func:`slide_name`). A name two
-    slides share is refused: either could be the one the coordinates were made from."""
+def folder_pairs(coords_dir: str | os.PathLike, slides_dir: str | os.PathLike) -> list[tuple[Path, Path]]:
+    """(slide file, coordinate file) pairs matched by name (see :func:`slide_name`), each folder
+    a path or URL. A name two slides share is refused: either could be the one the
+    coordinates were made from."""
     coords = find_files(coords_dir, (".h5",), "coordinate files", "pass the folder of coordinate files (TRIDENT: "
                         "JOB/<mag>x_<size>px_<overlap>px_overlap/patches, CLAM: SAVE_DIR/patches)", "check --coords")
     slides: dict[str, list[Path]] = {}
@@ -112,9 +120,11 @@ def slide_name(coords_path: Path, slides: Collection[str]) -> str:
     return stem
 
 
-def check_slide(slide_path: Path, coords_path: Path, size: int | None, skip: bool) -> tuple[SlidePatches, int]:
-    """One slide and its coordinates, checked; the patches outside it left out under ``skip``
-    (and counted) or refused."""
+def check_slide(slide_path: Path, coords_path: Path, size: int | None, skip: bool,
+                skip_advice: str | None) -> tuple[SlidePatches, int]:
+    """One slide and its coordinates, checked; the patches wholly outside it left out under
+    ``skip`` (and counted) or refused, with ``skip_advice`` (the flag that leaves them out,
+    where the command has one)."""
     entry: SlideCoords = read_coords(coords_path)
     slide = open_slide(slide_path)
     try:
@@ -124,18 +134,21 @@ def check_slide(slide_path: Path, coords_path: Path, size: int | None, skip: boo
                             f"pixels, but {slide_path} is {width} x {height}: pair each coordinate file with its "
                             "own slide")
         reader = entry.reader(slide, size)
+        tiles = LevelTiles.of(slide, reader.level, slide_path)  # refuses a truncated file
+        if tiles is not None:
+            tiles.close()
     finally:
         slide.close()
     x, y = entry.coords[:, 0], entry.coords[:, 1]
-    inside = ((x >= 0) & (y >= 0) & (x + reader.side0 <= width + EDGE_TOLERANCE)
-              & (y + reader.side0 <= height + EDGE_TOLERANCE))
-    outside = int((~inside).sum())
+    overlaps = (x < width) & (y < height) & (x + reader.side0 > 0) & (y + reader.side0 > 0)
+    outside = int((~overlaps).sum())
     if outside and not skip:
-        first = entry.coords[~inside][0]
-        raise DataError(f"{coords_path}: {outside} of {len(inside)} patches lie (partly) outside {slide_path} "
+        first = entry.coords[~overlaps][0]
+        advice = f"; {skip_advice}" if skip_advice else ""
+        raise DataError(f"{coords_path}: {outside} of {len(overlaps)} patches lie wholly outside {slide_path} "
                         f"({width} x {height}; e.g. ({first[0]}, {first[1]}) with a side of {reader.side0:g}): "
-                        "is this the right slide? Pass --skip_bad_files to leave them out")
-    return SlidePatches(slide_path, entry.name, reader, entry.coords[inside]), outside
+                        f"is this the right slide?{advice}")
+    return SlidePatches(slide_path, entry.name, reader, entry.coords[overlaps]), outside
 
 
 class SlideSource(PatchSource):
@@ -143,33 +156,35 @@ class SlideSource(PatchSource):
 
     def __init__(self, slides: Sequence[SlidePatches]) -> None:
         self.entries = list(slides)
+        self.open_slides = OPEN_SLIDES  # slides this process keeps open (pretraining: by --slides_per_batch)
         sizes = {entry.reader.size for entry in self.entries}
         if len(sizes) > 1:
             raise DataError(f"the coordinate files give patches of {len(sizes)} sizes ({sorted(sizes)} px): read all "
-                            "of them at one size with --patch_size N (pretrain.py) or --resize N (evaluate_knn.py, "
-                            "mil.compute_feats)")
+                            "of them at one size: with --patch_size N in pretrain.py, with --resize N in "
+                            "evaluate_knn.py or python -m mil.compute_feats")
         self.offsets = np.cumsum([0, *(len(entry.coords) for entry in self.entries)])
-        self._handles: OrderedDict[Path, object] = OrderedDict()
+        self._handles: OrderedDict[Path, LevelTiles | SlideLevel] = OrderedDict()
         self._unopenable: dict[Path, object] = {}  # slides this process could not open, and why
         self._pid = os.getpid()
 
     @classmethod
-    def checked(cls, pairs: Sequence[tuple[Path, Path]], size: int | None = None,
-                skip: bool = False) -> tuple[SlideSource, Checked]:
+    def checked(cls, pairs: Sequence[tuple[Path, Path]], size: int | None = None, skip: bool = False,
+                skip_advice: str | None = None) -> tuple[SlideSource, Checked]:
         """A source over ``pairs`` of (slide, coordinate file), and the verdict per slide in the
         form the patch-file check gives it, so that a run reports both alike: the slides used
-        in full, and each slide or coordinate file that ``skip`` left out in whole or in part, with why."""
+        in full, and each slide or coordinate file that ``skip`` left out in whole or in part,
+        with why. ``skip_advice`` ends a refusal where the command can leave bad slides out."""
         kept, complete, left_out = [], [], []
         for slide_path, coords_path in tqdm(pairs, desc="checking slides", unit="slide"):
             try:
-                entry, outside = check_slide(slide_path, coords_path, size, skip)
+                entry, outside = check_slide(slide_path, coords_path, size, skip, skip_advice)
             except UserError as error:
                 if not skip:
                     raise
                 left_out.append((slide_path, str(error)))
                 continue
             if outside:
-                left_out.append((coords_path, f"{outside} of {outside + len(entry.coords)} patches lie outside "
+                left_out.append((coords_path, f"{outside} of {outside + len(entry.coords)} patches lie wholly outside "
                                               f"{slide_path}: left out"))
             else:
                 complete.append(slide_path)
@@ -190,14 +205,34 @@ class SlideSource(PatchSource):
         return entry, int(x), int(y)
 
     def read(self, index: int) -> Image.Image:
-        entry, x, y = self.locate(index)
-        slide = self._open(entry.path)
-        try:
-            return entry.reader.read(slide, x, y)
-        except Exception as error:  # a slide changed, or failing mid-read: name the patch
-            self._handles.pop(entry.path, None)
-            raise DataError(f"{entry.path} at ({x}, {y}): could not be read ({type(error).__name__}: "
-                            f"{error})") from None
+        return self.read_many([index])[0]
+
+    def pixels(self, index: int) -> np.ndarray:
+        """The patch as read from its pyramid level, before the resize to the patch size."""
+        return self.read_many([index], as_stored=True)[0]
+
+    def read_many(self, indices: Sequence[int], as_stored: bool = False) -> list:
+        """Each slide's patches among ``indices`` read together (:meth:`LevelTiles.regions`), so
+        that a DataLoader worker fetches a remote slide's tiles for its part of a batch at once."""
+        slides = np.searchsorted(self.offsets, indices, side="right") - 1
+        patches: list = [None] * len(indices)
+        for slide in np.unique(slides).tolist():
+            places = np.flatnonzero(slides == slide)
+            entry = self.entries[slide]
+            corners = entry.coords[np.asarray(indices)[places] - self.offsets[slide]]
+            level = self._open(entry)
+            try:
+                pixels = entry.reader.pixels(level, corners.tolist())
+            except Exception as error:  # a slide changed, or failing mid-read: name it (and the patch, if one)
+                self._handles.pop(entry.path, None)
+                where = f" at ({corners[0][0]}, {corners[0][1]})" if len(corners) == 1 else ""
+                raise DataError(f"{entry.path}{where}: could not be read ({type(error).__name__}: {error})") from None
+            for place, patch in zip(places, pixels):
+                patches[place] = patch if as_stored else entry.reader.resized(patch)
+        return patches
+
+    def slide_sizes(self) -> list[int]:
+        return [len(entry.coords) for entry in self.entries]
 
     def describe(self, index: int) -> str:
         entry, x, y = self.locate(index)
@@ -208,21 +243,23 @@ class SlideSource(PatchSource):
         slide = int(np.searchsorted(self.offsets, index, side="right")) - 1
         return int(self.offsets[slide + 1]) if self.entries[slide].path in self._unopenable else index + 1
 
-    def _open(self, path: Path):
-        """This process's handle on ``path``: opened once, the least recently used closed beyond OPEN_SLIDES."""
+    def _open(self, entry: SlidePatches) -> LevelTiles | SlideLevel:
+        """This process's reader of ``entry``'s level: opened once, the least recently used
+        closed beyond ``open_slides``."""
         if os.getpid() != self._pid:  # a forked DataLoader worker: the parent's handles are not ours
             self._handles, self._unopenable, self._pid = OrderedDict(), {}, os.getpid()
+        path = entry.path
         if path in self._handles:
             self._handles.move_to_end(path)
             return self._handles[path]
         if path not in self._unopenable:
             try:
-                self._handles[path] = open_slide(path)
+                self._handles[path] = open_level(path, entry.reader.level)
             except Exception as error:  # gone, or no longer a slide: every patch of it fails alike
                 self._unopenable[path] = error if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
         if path in self._unopenable:
             raise DataError(f"{path}: cannot be opened any more ({self._unopenable[path]})")
-        while len(self._handles) > OPEN_SLIDES:
+        while len(self._handles) > self.open_slides:
             self._handles.popitem(last=False)[1].close()
         return self._handles[path]
 
@@ -264,8 +301,8 @@ def slide_pairs(args: argparse.Namespace) -> dict[str, Pair] | None:
         raise ConfigError("--coords and --slides go together: pass the folder of <slide>.h5 coordinate files and "
                           "the folder of the slides")
     if args.job:
-        return named_pairs(job_pairs(Path(args.job)))
-    return named_pairs(folder_pairs(Path(args.coords), Path(args.slides))) if args.coords else None
+        return named_pairs(job_pairs(args.job))
+    return named_pairs(folder_pairs(args.coords, args.slides)) if args.coords else None
 
 
 def named_pairs(pairs: Sequence[Pair]) -> dict[str, Pair]:

@@ -55,6 +55,27 @@ class PatchSource(ABC):
     def read(self, index: int) -> Image.Image:
         """Patch ``index`` as an 8-bit RGB image; a patch that cannot be read is a DataError naming it."""
 
+    def read_many(self, indices: Sequence[int], as_stored: bool = False) -> list:
+        """Patches ``indices``: images (:meth:`read`), or with ``as_stored`` pixels (:meth:`pixels`)."""
+        return [self.pixels(index) if as_stored else self.read(index) for index in indices]
+
+    def pixels(self, index: int) -> np.ndarray:
+        """Patch ``index`` as stored, (H, W, 3) uint8, before any resize to the patch size: for a
+        slide without a level at the patches' resolution, more pixels than :meth:`read` gives (the
+        views of pretraining resize on the training device, where their crop resizes anyway)."""
+        return np.array(self.read(index))
+
+    @property
+    def patch_size(self) -> int | None:
+        """The side of every patch as :meth:`read` gives it, where :meth:`pixels` may give more; None: as stored."""
+        return None
+
+    def slide_sizes(self) -> list[int] | None:
+        """The patches of each slide, when the patches are slide after slide and cheap to read
+        only while their slide is open (the training order then keeps each worker on few
+        slides: :mod:`clusiam.order`); None when any order reads as fast."""
+        return None
+
     @property
     @abstractmethod
     def identity(self) -> str:
@@ -75,32 +96,46 @@ class PatchSource(ABC):
         return index + 1
 
     def dataset(self, transform: Callable[[Image.Image], object], skipped: SkipLog | None = None,
-                stand_in: object = None) -> Dataset:
-        """A Dataset of ``transform(patch)``, for DataLoader workers (see :class:`TransformedPatches`)."""
-        return TransformedPatches(self, transform, skipped, stand_in)
+                stand_in: object = None, as_stored: bool = False) -> Dataset:
+        """A Dataset of ``transform(patch)``, for DataLoader workers (see :class:`TransformedPatches`);
+        with ``as_stored``, of ``transform(pixels)`` (:meth:`pixels`)."""
+        return TransformedPatches(self, transform, skipped, stand_in, as_stored)
 
 
 class TransformedPatches(Dataset):
-    """Item ``i``: ``transform`` of patch ``i`` of a source. A patch that cannot be read stops
-    the run, naming it; with a ``skipped`` log (``--skip_bad_files``) it is listed there
-    instead and ``stand_in`` takes its place, or, when that is None, the next readable patch
-    (so that batches keep their size and every process its share)."""
+    """Item ``i``: ``transform`` of patch ``i`` of a source (its image, or with ``as_stored``
+    its pixels as stored). A patch that cannot be read stops the run, naming it; with a
+    ``skipped`` log (``--skip_bad_files``) it is listed there instead and ``stand_in`` takes
+    its place, or, when that is None, the next readable patch (so that batches keep their
+    size and every process its share)."""
 
-    def __init__(self, source: PatchSource, transform: Callable[[Image.Image], object],
-                 skipped: SkipLog | None = None, stand_in: object = None) -> None:
+    def __init__(self, source: PatchSource, transform: Callable[[object], object],
+                 skipped: SkipLog | None = None, stand_in: object = None, as_stored: bool = False) -> None:
         self.source = source
         self.transform = transform
         self.skipped = skipped
         self.stand_in = stand_in
+        self.as_stored = as_stored
 
     def __len__(self) -> int:
         return len(self.source)
+
+    def __getitems__(self, indices: list[int]) -> list:
+        """Items ``indices`` at once (a DataLoader worker's part of a batch), read together
+        (:meth:`PatchSource.read_many`); where one cannot be read, each is read alone, and named,
+        listed or replaced as :meth:`__getitem__` says."""
+        try:
+            patches = self.source.read_many(indices, self.as_stored)
+        except DataError:
+            return [self[index] for index in indices]
+        return [self.transform(patch) for patch in patches]
 
     def __getitem__(self, index: int):
         position = index
         for _ in range(len(self.source)):
             try:
-                return self.transform(self.source.read(position))
+                patch = self.source.pixels(position) if self.as_stored else self.source.read(position)
+                return self.transform(patch)
             except DataError as error:
                 if self.skipped is None:
                     raise DataError(f"{error}. Fix or remove it (a run resumes with --resume auto), or pass "

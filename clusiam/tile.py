@@ -41,7 +41,7 @@ from clusiam.coords import COORDS, JOB_FILE, coordinate_attributes
 from clusiam.errors import ConfigError, DataError, run_command
 from clusiam.files import check_output_folder, find_files, make_folder, write_atomically
 from clusiam.slides import SLIDE_EXTENSIONS, PatchReader, level0_mpp, open_slide, slide_property
-from clusiam.tables import read_table, write_csv
+from clusiam.tables import read_csv_rows, read_table, write_csv
 
 # ASAP groups of the Camelyon16 annotations: _0 and _1 are tumour, _2 marks normal tissue inside them.
 ASAP_EXCLUSION_GROUPS = {"_2", "exclusion", "Exclusion"}
@@ -50,6 +50,8 @@ PATCHES, THUMBNAILS, STAGING = "patches", "thumbnails", ".unfinished"
 TILE_COLUMNS = ("slide", "tiles", "tissue_area_mm2", "mpp", "level", "otsu_threshold", "tumor_tiles", "seconds",
                 "warnings")
 LABEL_COLUMNS = ("slide", "x", "y", "label", "path")
+# Thumbnail saturation of glass, and of the black some scanners pad with, is below this; of stained tissue above it.
+GLASS_SATURATION = 0.1
 
 
 def option(default: Any, help: str, rule: tuple[Callable[[Any], bool], str] | None = None, **argparse_options) -> Any:
@@ -62,6 +64,46 @@ def option(default: Any, help: str, rule: tuple[Callable[[Any], bool], str] | No
 
 def at_least(low: float) -> tuple[Callable[[Any], bool], str]:
     return (lambda v: v >= low), f"{low:g} or more"
+
+
+def number(text: str) -> float | None:
+    """``text`` as a float; None where it is not one."""
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def slide_mpps(value: str) -> float | dict[str, float]:
+    """``--slide_mpp``: a number, the level-0 um/px of every slide; else a CSV of some slides'
+    (``slide,mpp``, or TRIDENT's ``wsi,mpp``), read here so that a bad one is refused before any
+    slide is opened, and keyed by stem: a slide is named by its file name or its stem."""
+    mpp = number(value)
+    if mpp is not None:
+        return mpp
+    if not Path(value).is_file():
+        raise ConfigError(f"--slide_mpp {value} is neither a number nor a CSV file: pass the level-0 um/px of every "
+                          "slide (0.25 for 40x, 0.5 for 20x) or a CSV with columns slide,mpp")
+    try:
+        rows = read_csv_rows(value, ())
+    except DataError as error:
+        raise DataError(f"--slide_mpp {error}") from None
+    column = next((name for name in ("slide", "wsi") if name in rows[0]), None)
+    if column is None or "mpp" not in rows[0]:
+        raise DataError(f"--slide_mpp {value} needs columns slide,mpp (or TRIDENT's wsi,mpp); it has "
+                        f"{', '.join(rows[0])}")
+    mpps: dict[str, float] = {}
+    for line, row in enumerate(rows, start=2):
+        file = Path(row[column].strip())  # TRIDENT's wsi may hold the folders below its source
+        name = file.stem if file.suffix.lower() in SLIDE_EXTENSIONS else file.name
+        mpp = number(row["mpp"])
+        if mpp is None or not mpp > 0:
+            raise DataError(f"--slide_mpp {value}, line {line}: mpp {row['mpp']!r} of {name} is not a number above 0; "
+                            "give its level-0 um/px (0.25 for 40x, 0.5 for 20x), or drop the row to use the file's")
+        if name in mpps:
+            raise DataError(f"--slide_mpp {value}, line {line}: slide {name} is listed twice; keep one row")
+        mpps[name] = mpp
+    return mpps
 
 
 @dataclass(frozen=True)
@@ -79,11 +121,14 @@ class TilingOptions:
     min_object_um2: float = option(20000.0, "tissue pieces smaller than this are dropped", at_least(0))
     max_hole_um2: float = option(5000.0, "holes smaller than this are filled", at_least(0))
     saturation_threshold: float | None = option(
-        None, "fixed saturation threshold instead of Otsu's",
+        None, f"fixed saturation threshold instead of Otsu's (or of {GLASS_SATURATION:g}, where Otsu's does not split "
+        "glass from tissue)",
         (lambda v: v is None or 0 <= v <= 1, "in [0, 1], or left out for Otsu's"), type=float)
-    slide_mpp: float | None = option(
-        None, "level-0 um/px for slides whose file lacks it",
-        (lambda v: v is None or v > 0, "above 0 (0.25 for 40x, 0.5 for 20x)"), type=float)
+    slide_mpp: float | dict[str, float] | None = option(
+        None, "level-0 um/px, used instead of the file's: a number for every slide, or a CSV of slide,mpp (or "
+        "TRIDENT's wsi,mpp; a slide by its file name or stem) for the slides it lists, the others keeping the file's",
+        (lambda v: v is None or isinstance(v, dict) or v > 0, "above 0 (0.25 for 40x, 0.5 for 20x), or a CSV"),
+        type=slide_mpps)
     image_format: str = option("png", "patch file format", flag="format", choices=["png", "jpeg"])
     label_threshold: float = option(0.5, "tumour fraction from which a tile is labelled tumor",
                                     (lambda v: 0 < v <= 1, "in (0, 1]: the tumour fraction from which a tile is tumor"))
@@ -117,18 +162,39 @@ class ReadPlan:
     thumb_scale: float  # level-0 pixels per thumbnail pixel
 
 
-def tissue_mask(thumbnail: np.ndarray, mask_mpp: float, options: TilingOptions) -> tuple[np.ndarray, float]:
-    """Tissue on an RGB thumbnail: saturation above Otsu's threshold (or a given one), small
-    holes filled and small objects removed. Returns the mask and the threshold used."""
+def tissue_mask(thumbnail: np.ndarray, mask_mpp: float,
+                options: TilingOptions) -> tuple[np.ndarray, float, str | None]:
+    """Tissue on an RGB thumbnail: saturation above :func:`tissue_threshold`, small holes
+    filled and small objects removed. Returns the mask, the threshold used and, where Otsu's
+    was asked for but not used, a note that says why."""
     saturation = rgb2hsv(thumbnail)[..., 1]
-    threshold = options.saturation_threshold
-    if threshold is None:
-        threshold = float(threshold_otsu(saturation)) if saturation.max() > saturation.min() else 1.0
+    threshold, fallback = tissue_threshold(saturation, options.saturation_threshold)
     pixel_area = mask_mpp**2  # um^2 per thumbnail pixel
     mask = saturation > threshold
     mask = remove_small_holes(mask, max_size=round(options.max_hole_um2 / pixel_area))
     mask = remove_small_objects(mask, max_size=round(options.min_object_um2 / pixel_area))
-    return mask, threshold
+    return mask, threshold, fallback
+
+
+def tissue_threshold(saturation: np.ndarray, given: float | None) -> tuple[float, str | None]:
+    """The saturation above which a pixel is tissue: ``given`` (--saturation_threshold), else
+    Otsu's where it splits glass from tissue. Otsu's always splits the pixels in two: on a crop
+    with no glass, pale tissue from dark; on glass alone, glass from glass. Where its paler class
+    is not glass, or its other class is glass too, all that is more saturated than glass is
+    tissue (``GLASS_SATURATION``), with a note saying so."""
+    if given is not None:
+        return given, None
+    otsu = float(threshold_otsu(saturation)) if saturation.max() > saturation.min() else 1.0
+    above = saturation[saturation > otsu]
+    paler = float(np.median(saturation[saturation <= otsu]))
+    darker = float(np.median(above)) if above.size else paler  # one saturation throughout: one class
+    if paler < GLASS_SATURATION <= darker:
+        return otsu, None
+    found = "no glass" if paler >= GLASS_SATURATION else "only glass"
+    return GLASS_SATURATION, (f"{found} found (Otsu's threshold {otsu:.3f} splits the saturation into classes of "
+                              f"median {paler:.2f} and {darker:.2f}, glass has less than {GLASS_SATURATION:g}): "
+                              f"saturation threshold {GLASS_SATURATION:g} used instead of Otsu's (pass "
+                              "--saturation_threshold to choose)")
 
 
 def read_annotations(path: Path) -> shapely.Geometry:
@@ -324,7 +390,7 @@ def tile_into(path: Path, relative: Path, staging: Path, coords_dir: Path, optio
     try:
         plan = plan_reading(slide, path, options)
         thumbnail = np.asarray(slide_thumbnail(slide, plan.thumb_scale))
-        mask, threshold = tissue_mask(thumbnail, options.mask_mpp, options)
+        mask, threshold, fallback = tissue_mask(thumbnail, options.mask_mpp, options)
         coords, tissue = tissue_tiles(mask, plan, options.min_tissue)
         staging.mkdir(parents=True)
         paths = None if options.coords_only else write_patches(slide, coords, plan.reader, staging / PATCHES,
@@ -343,6 +409,8 @@ def tile_into(path: Path, relative: Path, staging: Path, coords_dir: Path, optio
     warnings = [annotation_warning] if annotation_warning else []
     if len(coords) == 0:
         warnings.append(no_tile_warning(path, plan, options, tissue_mm2))
+    if fallback:
+        warnings.append(f"{path}: {fallback}")
     return {
         "slide": name, "tiles": len(coords), "tissue_area_mm2": tissue_mm2,
         "mpp": plan.level0_mpp, "level": plan.reader.level, "otsu_threshold": round(threshold, 4),

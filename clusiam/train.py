@@ -1,8 +1,9 @@
 """The pretraining loop: set a run up, train it epoch by epoch, check and save each epoch.
 
-Data flows one way: a patch source (:mod:`clusiam.sources`) -> uint8 batches (DataLoader
-workers) -> views made in batch on the training device -> model -> loss (or, with
-``--augment pil``, the paper's PIL views made in the workers). The step
+Data flows one way: a patch source (:mod:`clusiam.sources`) read in the epoch's order
+(:mod:`clusiam.order`) -> uint8 patches as stored (DataLoader workers) -> views made in
+batch on the training device -> model -> loss (or, with ``--augment pil``, the paper's PIL
+views made in the workers). The step
 (:mod:`clusiam.step`) never reads a value back to the host; logged scalars are read every
 ``--print_freq`` steps, which is also where a non-finite loss is caught.
 
@@ -17,7 +18,7 @@ import argparse
 import contextlib
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,23 +29,24 @@ from lightly.utils.dist import print_rank_zero
 from lightly.utils.scheduler import cosine_schedule
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from clusiam.augment import BatchViews, TwoViews, ViewRecipe, paper_augmentation
+from clusiam.augment import BatchViews, TwoViews, ViewRecipe, paper_augmentation, stack_by_size, stored_patches
 from clusiam.checkpoint import ARCHITECTURE_OPTIONS, load_checkpoint, save_checkpoint
 from clusiam.config import parse_config
 from clusiam.demo import DemoSpec, prepare_demo
 from clusiam.distributed import barrier, check_replicas_agree, is_main, main_computes, processes, rank, world_size
 from clusiam.errors import ConfigError, DataError, DiskFullError, run_command
 from clusiam.files import make_folder
-from clusiam.images import Checked, check_images, find_images, remember_check, uint8_tensor
+from clusiam.images import Checked, check_images, find_images, remember_check
 from clusiam.ledger import pretraining_slides
 from clusiam.models import PretrainModel
 from clusiam.monitor import CLUSTER_DIAGNOSTICS, collapse_warnings
+from clusiam.order import EpochOrder
 from clusiam.runlock import RunLock
 from clusiam.runlog import EpochLog, RunLog, mean_over_ranks, step_diagnostics
-from clusiam.slide_source import SlideSource, folder_pairs, is_job, job_pairs
+from clusiam.slide_source import OPEN_SLIDES, SlideSource, folder_pairs, is_job, job_pairs
 from clusiam.sources import FolderSource, PatchSource, SkipLog, cached_channel_statistics
 from clusiam.step import LossSettings, build_optimizer, set_learning_rate, training_step
 
@@ -54,11 +56,11 @@ if TYPE_CHECKING:
 # Options a resumed run is told about when they differ from the checkpoint's.
 TRAINING_OPTIONS = ("epochs", "batch_size", "lr", "weight_decay", "momentum", "fix_pred_lr", "alpha", "tau", "eps",
                     "target_momentum", "cosine_target_momentum", "image_size", "augment", "vflip", "rotate90",
-                    "hed_jitter", "precision", "seed", "patch_size")
+                    "hed_jitter", "precision", "seed", "patch_size", "slides_per_batch")
 CHECK_CACHE = "checked_files.json"  # in SAVE_PATH: the verdict on the patch files, reused by a restart
 DIAGNOSTIC_NOISE = 2**32  # a seed key no rank number reaches: the diagnostics' own random stream
 
-ViewMaker = Callable[[object], tuple[Tensor, Tensor]]  # a collated batch -> two views on the training device
+ViewMaker = Callable[[list], tuple[Tensor, Tensor]]  # one step's collated parts -> two views on the training device
 
 
 @dataclass
@@ -70,7 +72,9 @@ class Run:
     skipped: SkipLog | None  # with --skip_bad_files: the patches left out, and why
     skipped_reported: int  # how many of them the run has already warned about
     dataset: Dataset  # the source through what the DataLoader workers do to each patch
+    collate: Callable | None  # how a worker stacks its part of a batch (None: PyTorch's default)
     make_views: ViewMaker
+    order: EpochOrder  # which patches each step reads
     model: PretrainModel
     network: nn.Module  # the model, or its DistributedDataParallel wrapper
     optimizer: torch.optim.Optimizer
@@ -80,7 +84,6 @@ class Run:
     init_lr: float
     start_epoch: int
     step: int
-    steps_per_epoch: int
     device: torch.device
     autocast: bool
     probe: Probe | None = None  # --probe: the labelled patches scored while training
@@ -153,9 +156,9 @@ def check_source(data_dir: Path | None, args: argparse.Namespace) -> tuple[Patch
     Rank 0 checks and every rank gets the result; nothing is written."""
     def check() -> tuple[PatchSource, Checked]:
         if args.coords is not None:
-            return check_slides(folder_pairs(Path(args.coords), Path(args.slides)), args)
+            return check_slides(folder_pairs(args.coords, args.slides), args)
         if is_job(data_dir):
-            return check_slides(job_pairs(Path(data_dir)), args)
+            return check_slides(job_pairs(data_dir), args)
         files = find_images(data_dir, "DATA_DIR (or none, for the built-in demo)")
         checked = check_images(files, args.image_size, args.skip_bad_files, same_size=args.augment == "batched",
                                cache=Path(args.save_path) / CHECK_CACHE)
@@ -166,7 +169,9 @@ def check_source(data_dir: Path | None, args: argparse.Namespace) -> tuple[Patch
 
 def check_slides(pairs: Sequence[tuple[Path, Path]], args: argparse.Namespace) -> tuple[SlideSource, Checked]:
     """Each slide checked (:meth:`SlideSource.checked`), and its patches large enough for the views."""
-    source, checked = SlideSource.checked(pairs, args.patch_size, args.skip_bad_files)
+    source, checked = SlideSource.checked(pairs, args.patch_size, args.skip_bad_files,
+                                          skip_advice="pass --skip_bad_files to leave them out")
+    source.open_slides = max(OPEN_SLIDES, 2 * args.slides_per_batch)  # each process reads at most this many at once
     if source.patch_size < args.image_size:
         raise ConfigError(f"the slides' patches are {source.patch_size} px, smaller than --image_size "
                           f"{args.image_size}: pass --patch_size {args.image_size} (the same field of view read at "
@@ -208,21 +213,26 @@ def normalization(args: argparse.Namespace, checkpoint: dict | None, source: Pat
     return main_computes(lambda: cached_channel_statistics(source, cache, args.num_worker, skipped))
 
 
-def view_pipeline(args: argparse.Namespace, mean: Sequence[float], std: Sequence[float], device: torch.device,
-                  memory_format: torch.memory_format) -> tuple[Callable, ViewMaker]:
-    """What the DataLoader workers do to each decoded patch, and how a collated batch becomes
-    two views on ``device``. Batched: workers only make uint8 tensors and the views are made
-    on the device; pil: the paper's pipeline, PIL transforms in the workers."""
+def view_pipeline(args: argparse.Namespace, source: PatchSource, mean: Sequence[float], std: Sequence[float],
+                  device: torch.device, memory_format: torch.memory_format,
+                  skipped: SkipLog | None) -> tuple[Dataset, Callable | None, ViewMaker]:
+    """What the DataLoader workers make of each patch, how a worker stacks its part of a
+    batch, and how one step's parts become two views on ``device``. Batched: workers only
+    read patches as stored (uint8) and the views, resize included, are made on the device;
+    pil: the paper's pipeline, PIL transforms of the patch in the workers."""
 
     def on_device(views: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         x1, x2 = (view.to(device, non_blocking=True, memory_format=memory_format) for view in views)
         return x1, x2
 
     if args.augment == "pil":
-        return TwoViews(paper_augmentation(args.image_size, mean, std)), on_device
+        dataset = source.dataset(TwoViews(paper_augmentation(args.image_size, mean, std)), skipped)
+        return dataset, None, lambda parts: on_device([torch.cat(views) for views in zip(*parts)])
     recipe = ViewRecipe(vflip_p=0.5 if args.vflip else 0.0, rotate90=args.rotate90, hed_jitter=args.hed_jitter)
     batch_views = BatchViews(args.image_size, mean, std, recipe)
-    return uint8_tensor, lambda batch: on_device(batch_views(batch.to(device, non_blocking=True)))
+    dataset = source.dataset(torch.from_numpy, skipped, as_stored=True)
+    size = source.patch_size
+    return dataset, stack_by_size, lambda parts: on_device(batch_views(stored_patches(parts, size, device)))
 
 
 def build_model(args: argparse.Namespace, device: torch.device, memory_format: torch.memory_format) -> PretrainModel:
@@ -250,8 +260,7 @@ def set_up_run(device: torch.device, args: argparse.Namespace, checkpoint: dict 
     ``checkpoint`` when it continues one."""
     skipped_reported = skipped.count() if skipped is not None and is_main() else 0  # the check's, reported
     mean, std = normalization(args, checkpoint, source, skipped)
-    steps_per_epoch = len(source) // args.batch_size
-    if steps_per_epoch == 0:
+    if len(source) < args.batch_size:
         raise DataError(f"only {len(source)} usable images for --batch_size {args.batch_size}: lower --batch_size")
     # channels_last and bf16 autocast are what make convolutions fast on tensor cores.
     on_gpu = device.type == "cuda"
@@ -268,13 +277,13 @@ def set_up_run(device: torch.device, args: argparse.Namespace, checkpoint: dict 
     network = model
     if world_size() > 1:
         network = DistributedDataParallel(model, device_ids=[device] if on_gpu else None)
-    transform, make_views = view_pipeline(args, mean, std, device, memory_format)
+    dataset, collate, make_views = view_pipeline(args, source, mean, std, device, memory_format, skipped)
     return Run(source=source, pretrained_on=slides_seen(checkpoint, source), skipped=skipped,
-               skipped_reported=skipped_reported,
-               dataset=source.dataset(transform, skipped), make_views=make_views, model=model,
+               skipped_reported=skipped_reported, dataset=dataset, collate=collate, make_views=make_views,
+               order=EpochOrder.of_source(source, args.batch_size, args.seed, args.slides_per_batch), model=model,
                network=network, optimizer=optimizer, loss=LossSettings(args.alpha, args.tau, args.eps),
                mean=list(mean), std=list(std), init_lr=init_lr, start_epoch=start_epoch, step=step,
-               steps_per_epoch=steps_per_epoch, device=device, autocast=on_gpu and args.precision == "bf16")
+               device=device, autocast=on_gpu and args.precision == "bf16")
 
 
 def announce(run: Run, args: argparse.Namespace) -> None:
@@ -283,7 +292,7 @@ def announce(run: Run, args: argparse.Namespace) -> None:
     placement = f"{run.device}" if processes_count == 1 else (
         f"{processes_count} processes ({run.device.type}), {args.batch_size // processes_count} images each")
     print_rank_zero(
-        f"{args.model_type} ({args.backbone}) on {placement}: {len(run.source)} images, {run.steps_per_epoch} "
+        f"{args.model_type} ({args.backbone}) on {placement}: {len(run.source)} images, {run.order.steps} "
         f"steps/epoch of {args.batch_size}, lr {run.init_lr:g}, alpha {args.alpha}, "
         f"mean {[round(m, 4) for m in run.mean]}, std {[round(s, 4) for s in run.std]}"
     )
@@ -293,17 +302,27 @@ def announce(run: Run, args: argparse.Namespace) -> None:
 
 # --- one epoch --------------------------------------------------------------------------
 
-def epoch_loader(run: Run, epoch: int, args: argparse.Namespace) -> DataLoader:
-    """This process's batches of the epoch. The global batch of step k is the same images for
-    any number of processes; each process takes every world_size-th of them."""
-    sampler = DistributedSampler(run.dataset, num_replicas=world_size(), rank=rank(), shuffle=True, seed=args.seed,
-                                 drop_last=True)
-    sampler.set_epoch(epoch)
-    return DataLoader(
-        run.dataset, batch_size=args.batch_size // world_size(), sampler=sampler, drop_last=True,
-        num_workers=args.num_worker, pin_memory=run.device.type == "cuda",
-        generator=torch.Generator().manual_seed(seed_from(args.seed, epoch, rank())),  # worker seeds
-    )
+def epoch_batches(run: Run, epoch: int, args: argparse.Namespace) -> Iterator[list]:
+    """This process's batches of the epoch, each as the parts its DataLoader workers read
+    (:mod:`clusiam.order`): the global batch of step k is the same images for any number of
+    processes and workers."""
+    parts = run.order.parts(epoch, rank(), world_size(), args.num_worker)
+    loader = part_loader(run.dataset, parts, run.collate, args.num_worker, pin_memory=run.device.type == "cuda",
+                         seed=seed_from(args.seed, epoch, rank()))
+    step = []
+    for part in loader:
+        step.append(part)
+        if len(step) == parts.parts_per_step:
+            yield step
+            step = []
+
+
+def part_loader(dataset: Dataset, parts: Iterable[list[int]], collate: Callable | None, num_workers: int,
+                pin_memory: bool, seed: int) -> DataLoader:
+    """A DataLoader of ``parts`` (index lists), which PyTorch hands to its workers in turn;
+    ``seed`` seeds the workers' random streams."""
+    return DataLoader(dataset, batch_sampler=parts, collate_fn=collate, num_workers=num_workers,
+                      pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed))
 
 
 def target_momentum(run: Run, args: argparse.Namespace) -> float | None:
@@ -312,7 +331,7 @@ def target_momentum(run: Run, args: argparse.Namespace) -> float | None:
         return None
     if not args.cosine_target_momentum:
         return args.target_momentum
-    return cosine_schedule(run.step, run.steps_per_epoch * args.epochs, args.target_momentum, 1.0)
+    return cosine_schedule(run.step, run.order.steps * args.epochs, args.target_momentum, 1.0)
 
 
 def train_one_epoch(run: Run, epoch: int, args: argparse.Namespace, log: RunLog) -> EpochLog:
@@ -321,21 +340,21 @@ def train_one_epoch(run: Run, epoch: int, args: argparse.Namespace, log: RunLog)
     torch.manual_seed(seed_from(args.seed, epoch, rank()))  # view parameters: this rank's own draws
     gumbel = torch.Generator(run.device).manual_seed(seed_from(args.seed, epoch))  # Gumbel noise: alike on every rank
     diagnostic_noise = torch.Generator(run.device).manual_seed(seed_from(args.seed, epoch, DIAGNOSTIC_NOISE))
-    loader = epoch_loader(run, epoch, args)
     diagnostic_names = ["projection_std", *(CLUSTER_DIAGNOSTICS if run.model.method.clustered else ())]
     record = EpochLog(lr, diagnostic_names, run.device)
     last = Path(args.save_path) / "last.pth"
     run.network.train()
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch", disable=not is_main())
-    for index, batch in enumerate(bar):
-        x1, x2 = run.make_views(batch)
+    bar = tqdm(epoch_batches(run, epoch, args), total=run.order.steps, desc=f"epoch {epoch + 1}/{args.epochs}",
+               unit="batch", disable=not is_main())
+    for index, parts in enumerate(bar):
+        x1, x2 = run.make_views(parts)
         output, losses = training_step(run.network, run.optimizer, x1, x2, run.loss, run.autocast,
                                        target_momentum(run, args), gumbel)
         run.step += 1  # steps are counted from 1, in messages, the CSV and TensorBoard alike
         record.add_losses(losses, run.step)
         # The only place the step's values reach the host: every --print_freq steps, and
         # the epoch's last step, so that every epoch has diagnostics to warn from.
-        if run.step % args.print_freq == 0 or index == len(loader) - 1:
+        if run.step % args.print_freq == 0 or index == run.order.steps - 1:
             record.stop_if_nonfinite(epoch, last)
             values = mean_over_ranks(losses)
             diagnostics = step_diagnostics(output, diagnostic_noise)

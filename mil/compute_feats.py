@@ -34,6 +34,7 @@ import torch
 from tqdm import tqdm
 
 from clusiam.checkpoint import load_pretrained
+from clusiam.coords import read_attributes
 from clusiam.distributed import add_dist_timeout, barrier, is_main, main_computes, processes, shard
 from clusiam.errors import CommandParser, ConfigError, DataError, InRange, run_command
 from clusiam.features import FEATURE_TYPES, encode, feature_extractor, precision
@@ -108,17 +109,9 @@ def slide_inputs(pairs: dict[str, Pair], size: int | None) -> dict[str, SlideInp
     (default: the coordinate files'). All slides share one source, which keeps only a few
     slides open however many there are."""
     source, _ = SlideSource.checked(list(pairs.values()), size)
-    return {name: SlideInput(source, range(start, end), entry.coords, coordinate_file_attributes(coords),
-                             key=entry.key())
+    return {name: SlideInput(source, range(start, end), entry.coords, read_attributes(coords), key=entry.key())
             for (name, (_, coords)), entry, start, end in zip(pairs.items(), source.entries, source.offsets,
                                                               source.offsets[1:])}
-
-
-def coordinate_file_attributes(path: Path) -> dict:
-    """The attributes of a coordinate file's ``coords``, which a bag's ``coords`` carries on
-    (as TRIDENT's feature files do), so a reader of the bag knows what a patch covers."""
-    with h5py.File(path, "r") as handle:
-        return dict(handle["coords"].attrs)
 
 
 def slide_patches(root: Path) -> dict[str, list[Path]]:

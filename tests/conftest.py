@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 import pytest
@@ -62,3 +63,46 @@ def write_pyramid(path: Path, image, mpp: float, downsamples: tuple[int, ...] = 
             writer.write(level, tile=(tile, tile), compression="jpeg", photometric="rgb",
                          description=description if index == 0 else None, subfiletype=0 if index == 0 else 1)
     return path
+
+
+# Every error a command prints is checked as the suite meets it: the flags its advice names must
+# be flags of a command the test ran (a message from a module several commands share must not
+# advise one command's flag to another's user). A flag in a clause that names another command
+# ("the --out folder of python -m clusiam.tile", "pass torchrun a --nproc_per_node") is that
+# command's.
+COMMAND_NAME = re.compile(r"python -m [\w.]+|\btorchrun\b|\b\w+\.py\b")
+FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_]*")
+
+
+def advised_flags(text: str) -> set[str]:
+    """The flags ``text`` names, but those in a clause that names another command."""
+    clauses = re.split(r"[;,]\s+|\s\(|\)", text)
+    return {flag for clause in clauses if not COMMAND_NAME.search(clause) for flag in FLAG.findall(clause)}
+
+
+@pytest.fixture(autouse=True)
+def advice_names_only_flags_the_command_has(monkeypatch):
+    import argparse
+
+    from clusiam import errors
+
+    flags: set[str] = set()
+    slips: list[str] = []
+    parse = argparse.ArgumentParser.parse_known_args
+
+    def recording(self, *args, **kwargs):
+        flags.update(option for action in self._actions for option in action.option_strings)
+        return parse(self, *args, **kwargs)
+
+    message = errors.message
+
+    def checked(error):
+        text = message(error)
+        if flags:
+            slips.extend(f"{flag} in: {text}" for flag in sorted(advised_flags(text) - flags))
+        return text
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", recording)
+    monkeypatch.setattr(errors, "message", checked)
+    yield
+    assert not slips, "advice names flags the command does not have:\n" + "\n".join(slips)

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import tiffslide
 import torch
+from PIL import Image
 from skimage.color import hed2rgb, rgb2hed, rgb_from_hed
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
@@ -21,6 +22,8 @@ from clusiam.augment import (
     sample_crops,
     sample_view_params,
     shift_hue,
+    stack_by_size,
+    stored_patches,
 )
 from clusiam.demo import CMU_SLIDE
 
@@ -221,3 +224,31 @@ def test_pathology_options_flip_vertically_and_rotate_by_quarter_turns():
     params = sample_view_params(1, 16, 16, whole)
     view = BatchViews(16, [0.0] * 3, [1.0] * 3, whole).apply(image, params)
     assert any(torch.allclose(view, torch.rot90(image, k, (2, 3)), atol=1e-5) for k in range(4))
+
+
+def as_float(pixels: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, H, W) float in [0, 1]."""
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 255
+
+
+def test_patches_stored_at_two_sizes_reach_the_device_in_order_at_the_patch_size():
+    """A cohort may mix slides read at the patch size (a 20x level) and at twice it (40x only):
+    a worker stacks its part by size, and the step's patches come out in the parts' order, those
+    stored larger resized on the device no further from the CPU's Lanczos resize than PIL's
+    bicubic (TRIDENT's filter) is: within the interpolation's own error."""
+    with tiffslide.TiffSlide(CMU_SLIDE) as slide:
+        large = [np.asarray(slide.read_region(corner, 0, (64, 64)).convert("RGB")) for corner in TISSUE[:3]]
+        small = [np.asarray(slide.read_region(corner, 0, (32, 32)).convert("RGB")) for corner in TISSUE[3:]]
+    first = stack_by_size([torch.from_numpy(p.copy()) for p in (small[0], large[0], small[1])])
+    second = stack_by_size([torch.from_numpy(p.copy()) for p in (large[1], large[2], small[2])])
+    assert [(places, tuple(stacked.shape)) for places, stacked in first] == [([0, 2], (2, 32, 32, 3)),
+                                                                             ([1], (1, 64, 64, 3))]
+    batch = stored_patches([first, second], 32, torch.device("cpu"))
+    assert batch.shape == (6, 3, 32, 32) and batch.dtype == torch.float32
+    for place, pixels in ((0, small[0]), (2, small[1]), (5, small[2])):
+        torch.testing.assert_close(batch[place], as_float(pixels), rtol=0, atol=0)
+    for place, pixels in ((1, large[0]), (3, large[1]), (4, large[2])):
+        lanczos = as_float(np.asarray(Image.fromarray(pixels).resize((32, 32), Image.LANCZOS)))
+        bicubic = as_float(np.asarray(Image.fromarray(pixels).resize((32, 32), Image.BICUBIC)))
+        assert (batch[place] - bicubic).abs().mean() < 0.5 / 255
+        assert (batch[place] - lanczos).abs().mean() < 1.1 * (bicubic - lanczos).abs().mean()

@@ -20,18 +20,19 @@ from clusiam.demo import CMU_SLIDE
 from clusiam.errors import ConfigError, DataError, SlideError
 from clusiam.slide_source import SlideSource, folder_pairs, job_pairs
 from clusiam.slides import PatchReader
+from clusiam.tables import write_csv
 from conftest import write_pyramid
 
 SLIDE_SIDE, SLIDE_MPP, MAGNIFICATION = 256, 0.5, 20.0  # the synthetic slides: 20x, levels at downsamples 1 and 2
 PATCH, SIDE0 = 32, 64  # their patches: 32 px at 10x (1 um/px), read from level 1 without resizing
 
 
-def write_slide(path: Path, seed: int, side: int = SLIDE_SIDE) -> Path:
-    """A synthetic 20x slide of smooth colour blotches (no two seeds alike), levels 1 and 2."""
+def write_slide(path: Path, seed: int, side: int = SLIDE_SIDE, downsamples: tuple[int, ...] = (1, 2)) -> Path:
+    """A synthetic 20x slide of smooth colour blotches (no two seeds alike), by default with a 10x level."""
     blotches = np.random.default_rng(seed).integers(40, 230, (side // 16, side // 16, 3), dtype=np.uint8)
     image = np.asarray(Image.fromarray(blotches).resize((side, side), Image.BICUBIC))
     path.parent.mkdir(parents=True, exist_ok=True)
-    return write_pyramid(path, image, SLIDE_MPP, downsamples=(1, 2), magnification=MAGNIFICATION)
+    return write_pyramid(path, image, SLIDE_MPP, downsamples=downsamples, magnification=MAGNIFICATION)
 
 
 def grid(width: int, height: int, side0: int = SIDE0) -> np.ndarray:
@@ -75,10 +76,13 @@ def clam_attributes(level: int, size: int = PATCH) -> dict:
 
 def write_job(job_dir: Path, names: tuple[str, ...] = ("a", "b")) -> Path:
     """A tiling job of synthetic slides (a grid of 16 patches each), as python -m clusiam.tile writes one:
-    job.json naming each slide file, and coords/<slide>.h5 with the tiler's attributes."""
+    job.json naming each slide file, and coords/<slide>.h5 with the tiler's attributes. Every second
+    slide has no 10x level, like most 40x Aperio scans (levels at 40x, 10x, 2.5x) for 20x patches:
+    its patches are read at twice their size, so the job mixes two read sizes."""
     slides = {}
     for seed, name in enumerate(names):
-        slide = write_slide(job_dir.parent / f"{job_dir.name}_slides" / f"{name}.tif", seed)
+        slide = write_slide(job_dir.parent / f"{job_dir.name}_slides" / f"{name}.tif", seed,
+                            downsamples=(1,) if seed % 2 else (1, 2))
         write_coords(job_dir / "coords" / f"{name}.h5", grid(SLIDE_SIDE, SLIDE_SIDE), tiler_attributes(slide))
         slides[name] = str(slide)
     (job_dir / "job.json").write_text(json.dumps({"slides": slides}))
@@ -141,16 +145,20 @@ def test_coordinates_of_another_slide_or_outside_the_slide_are_refused_naming_th
         SlideSource.checked([(small, of_large)])
     assert str(of_large) in str(error.value)
 
-    # CLAM records no level-0 size: the patches that fall outside the slide give it away.
+    # CLAM records no level-0 size: the patches that fall outside the slide give it away. The
+    # advice names a flag only where the command has one.
     clam = write_coords(tmp_path / "clam.h5", grid(SLIDE_SIDE, SLIDE_SIDE), clam_attributes(level=1))
-    with pytest.raises(DataError, match=r"12 of 16 patches lie \(partly\) outside .*small.tif") as error:
+    with pytest.raises(DataError, match=r"12 of 16 patches lie wholly outside .*small.tif") as error:
         SlideSource.checked([(small, clam)])
-    assert str(clam) in str(error.value) and "--skip_bad_files" in str(error.value)
+    assert str(clam) in str(error.value) and "--" not in str(error.value)
+    with pytest.raises(DataError, match=r"is this the right slide\?; pass --skip_bad_files to leave them out$"):
+        SlideSource.checked([(small, clam)], skip_advice="pass --skip_bad_files to leave them out")
 
     source, checked = SlideSource.checked([(small, clam), (small, of_large), (large, of_large)], skip=True)
     assert len(source) == 4 + 16 and checked.good == [large]
     assert [what for what, _ in checked.bad] == [clam, small]
-    assert "12 of 16 patches lie outside" in checked.bad[0][1] and "pair each coordinate file" in checked.bad[1][1]
+    assert "12 of 16 patches lie wholly outside" in checked.bad[0][1]
+    assert "pair each coordinate file" in checked.bad[1][1]
 
 
 def test_slides_are_paired_by_name_and_bad_inputs_are_named(tmp_path):
@@ -228,3 +236,57 @@ def test_a_slide_lost_under_skip_is_listed_once_and_passed_over_in_one_step(tmp_
     assert len(lines) == 1 and lines[0].startswith(f"{lost}\tcannot be opened any more ({lost}: not a readable slide")
     assert source.next_to_try(int(source.offsets[1]) + 3) == int(source.offsets[2])
     assert source.next_to_try(0) == 1  # a slide that opens: the next patch
+
+
+def test_a_slide_without_a_level_at_the_patch_resolution_gives_its_pixels_as_read(tmp_path):
+    """Pretraining reads such a slide's patches at twice their size and resizes them on the training
+    device; every other reader gets them resized on the CPU (Lanczos), as before."""
+    source, _ = SlideSource.checked(job_pairs(write_job(tmp_path / "job")))
+    with_level, without = 0, int(source.offsets[1])
+    assert [entry.reader.read_size for entry in source.entries] == [PATCH, 2 * PATCH]
+    assert source.pixels(with_level).shape == (PATCH, PATCH, 3)
+    np.testing.assert_array_equal(source.pixels(with_level), np.asarray(source.read(with_level)))
+    stored = source.pixels(without)
+    assert stored.shape == (2 * PATCH, 2 * PATCH, 3)
+    np.testing.assert_array_equal(np.asarray(source.read(without)),
+                                  np.asarray(Image.fromarray(stored).resize((PATCH, PATCH), Image.LANCZOS)))
+
+
+def test_trident_patches_past_the_slide_edge_are_read_padded_with_black_by_every_command(tiny_checkpoint,
+                                                                                          tmp_path, capsys):
+    """TRIDENT's grid runs while x < width: on slides of 240 px its last column and row of 64 px
+    patches reach 16 px past the edge. Pretraining, compute_feats and evaluate_knn read them, the
+    part outside black (what OpenSlide gives TRIDENT); a patch wholly outside is still refused."""
+    from clusiam.knn_eval import main as knn_main
+    from clusiam.train import main as train_main
+    from mil.compute_feats import main as features_main
+
+    coords, slides = tmp_path / "coords", tmp_path / "slides"
+    corners = np.stack(np.meshgrid(np.arange(0, 240, SIDE0), np.arange(0, 240, SIDE0)), -1).reshape(-1, 2)
+    for seed, name in enumerate(("a", "b")):
+        write_slide(slides / f"{name}.tif", seed, side=240)
+        write_coords(coords / f"{name}_patches.h5", corners, trident_attributes(240, 240))
+        write_csv(tmp_path / f"{name}.csv", ("slide", "x", "y", "label"),
+                  [(name, x, y, ("normal", "tumor")[index % 2]) for index, (x, y) in enumerate(corners)])
+    source, checked = SlideSource.checked(folder_pairs(coords, slides))
+    assert checked.bad == [] and len(source) == 32
+    corner = int(np.flatnonzero((corners == (192, 192)).all(1))[0])  # level 1: (96, 96), 24 px inside a 120 px level
+    edge = np.asarray(source.read(corner))
+    assert not edge[24:].any() and not edge[:, 24:].any() and edge[:24, :24].min() > 0
+    with tiffslide.TiffSlide(slides / "a.tif") as slide:
+        np.testing.assert_array_equal(edge[:24, :24], np.asarray(slide.read_region((192, 192), 1, (24, 24)))[..., :3])
+
+    where = ["--coords", str(coords), "--slides", str(slides)]
+    assert train_main([*where, "--save_path", str(tmp_path / "run"), "--device", "cpu", "--image_size", "32",
+                       "--batch_size", "16", "--num_worker", "0", "--num_clusters", "4", "--epochs", "1"]) == 0
+    common = ["--checkpoint", str(tiny_checkpoint), "--device", "cpu", "--num_workers", "0", "--batch_size", "8"]
+    assert features_main([*common, *where, "--out", str(tmp_path / "bags")]) == 0
+    with h5py.File(tmp_path / "bags" / "a.h5") as bag:
+        assert bag["features"].shape == (16, 512)
+    assert knn_main([*common, *where, "--train", str(tmp_path / "a.csv"), "--test", str(tmp_path / "b.csv"),
+                     "--out", str(tmp_path / "knn"), "--k", "1", "--no_baselines", "--no_embedding"]) == 0
+
+    write_coords(coords / "b_patches.h5", np.concatenate([corners, [[240, 0]]]), trident_attributes(240, 240))
+    assert features_main([*common, *where, "--out", str(tmp_path / "refused")]) == 2
+    message = capsys.readouterr().out.splitlines()[-1]
+    assert "1 of 17 patches lie wholly outside" in message and "--" not in message.split("right slide?")[1]

@@ -1,7 +1,10 @@
 """The tiler: slides into a job folder (patches, coordinates, thumbnails, tables, job.json), with
 and without patch files, on the CC0 demo slide and on small generated pyramids."""
+import contextlib
 import csv
+import io
 import json
+import re
 import shutil
 
 import h5py
@@ -105,6 +108,70 @@ def test_a_slide_without_resolution_needs_slide_mpp(tmp_path):
     assert "records no microns-per-pixel; pass --slide_mpp" in (tmp_path / "a" / "failed_slides.txt").read_text()
     assert tile_main([str(folder), "--out", str(tmp_path / "b"), "--workers", "1", "--slide_mpp", "0.5"]) == 0
     assert len(list((tmp_path / "b" / "patches" / "plain").glob("*.png"))) > 0
+
+
+def crop(x, y, width, height):
+    """Level-0 pixels of the CC0 slide, (height, width, 3) uint8."""
+    with tiffslide.TiffSlide(CMU_SLIDE) as slide:
+        return np.asarray(slide.read_region((x, y), 0, (width, height)).convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def unscaled(tmp_path_factory):
+    """Slides a.tif and b.tif, the same 1100 x 2000 px of the CC0 slide in TIFFs that record no
+    resolution, and the CC0 slide itself (0.499 um/px)."""
+    folder = tmp_path_factory.mktemp("unscaled")
+    for name in ("a", "b"):
+        Image.fromarray(crop(600, 600, 1100, 2000)).save(folder / f"{name}.tif")
+    shutil.copy(CMU_SLIDE, folder / "cmu.svs")
+    return folder
+
+
+@pytest.mark.parametrize("table, listed", [
+    ("slide,mpp\na.tif,0.5\nb,0.25\n", {"a": 0.5, "b": 0.25}),  # by file name or stem; cmu keeps its file's
+    ("wsi,mpp,note\nb.tif,0.5,\ncmu.svs,1.0,wins over the file's 0.499\na.tif,0.25,\n",  # TRIDENT's columns
+     {"a": 0.25, "b": 0.5, "cmu": 1.0}),
+])
+def test_a_slide_mpp_csv_gives_each_slide_it_lists_its_own_resolution(unscaled, tmp_path, table, listed):
+    (tmp_path / "mpp.csv").write_text(table)
+    expected = {"cmu": 0.499, **listed}
+    assert coarse(unscaled, tmp_path / "p", "--slide_mpp", str(tmp_path / "mpp.csv"), "--size", "16") == 0
+    rows = {row["slide"]: row for row in read_rows(tmp_path / "p" / "tiles.csv")}
+    for name, mpp in expected.items():
+        coords, attrs = coords_file(tmp_path / "p", name)
+        assert attrs["level0_mpp"] == pytest.approx(mpp) and float(rows[name]["mpp"]) == pytest.approx(mpp)
+        assert attrs["mpp"] == 4.0 and attrs["patch_size_level0"] == round(16 * 4 / mpp)
+        assert int(rows[name]["tiles"]) == len(coords) > 0
+    a, b = (len(coords_file(tmp_path / "p", name)[0]) for name in "ab")  # one image: twice the um/px, 4x the tiles
+    assert 3.5 <= max(a, b) / min(a, b) <= 5  # 120 and 28 grid positions
+    assert json.loads((tmp_path / "p" / "job.json").read_text())["options"]["slide_mpp"] == listed
+
+
+def test_a_slide_the_csv_does_not_list_keeps_the_files_resolution_or_is_named(unscaled, tmp_path):
+    (tmp_path / "mpp.csv").write_text("slide,mpp\na,0.5\n")
+    assert coarse(unscaled, tmp_path / "p", "--slide_mpp", str(tmp_path / "mpp.csv")) == 0
+    assert [row["slide"] for row in read_rows(tmp_path / "p" / "tiles.csv")] == ["a", "cmu"]
+    assert coords_file(tmp_path / "p", "cmu")[1]["level0_mpp"] == pytest.approx(0.499)
+    assert ((tmp_path / "p" / "failed_slides.txt").read_text().split("\t")[1] ==
+            f"SlideError: {unscaled / 'b.tif'}: the file records no microns-per-pixel; add a row for b.tif to the "
+            "--slide_mpp CSV (e.g. 0.25 for 40x, 0.5 for 20x)\n")
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, " is neither a number nor a CSV file: pass the level-0 um/px of every slide"),
+    (b"\xff\xfe\x00slide", " is not UTF-8 text: save it as CSV (UTF-8)"),
+    (b"name,resolution\na,0.5\n", " needs columns slide,mpp (or TRIDENT's wsi,mpp); it has name, resolution"),
+    (b"slide,mpp\na,0.5\nb,0\n", ", line 3: mpp '0' of b is not a number above 0; give its level-0 um/px"),
+    (b"wsi,mpp\na.tif,0.5\nb.tif,40x\n", ", line 3: mpp '40x' of b is not a number above 0"),
+    (b"slide,mpp\na.tif,0.5\na,0.25\n", ", line 3: slide a is listed twice; keep one row"),
+])
+def test_a_bad_slide_mpp_csv_is_refused_before_any_slide_is_read(unscaled, tmp_path, capsys, content, message):
+    table = tmp_path / "mpp.csv"
+    if content is not None:
+        table.write_bytes(content)
+    assert coarse(unscaled, tmp_path / "p", "--slide_mpp", str(table)) == 2
+    assert capsys.readouterr().out.startswith(f"error: --slide_mpp {table}{message}")
+    assert not (tmp_path / "p").exists()
 
 
 @pytest.mark.parametrize("kind", ["asap", "geojson"])
@@ -262,6 +329,65 @@ def test_a_slide_that_gives_no_patch_is_a_warning_naming_it(slides, tmp_path, ca
     assert list(rows[0]) == ["slide", "tiles", "tissue_area_mm2", "mpp", "level", "otsu_threshold", "tumor_tiles",
                              "seconds", "warnings"]
     assert rows[0]["tiles"] == "0" and rows[0]["warnings"].startswith(warning)
+
+
+@pytest.fixture(scope="module")
+def glassless(tmp_path_factory):
+    """512 px squares of the CC0 slide as pyramids at 0.5 um/px, tiled at 2 um/px into 32 px
+    patches (a grid of 4 x 4): tissue from edge to edge (dermis and epidermis, in which Otsu's
+    split finds no tissue), one stain colour throughout, and glass (in which Otsu's split found
+    13 tiles of tissue). Returns the folder, the rows of tiles.csv by slide and what the console
+    showed."""
+    from conftest import write_pyramid
+
+    folder, job = tmp_path_factory.mktemp("glassless"), tmp_path_factory.mktemp("glassless_job")
+    tissue = crop(769, 1923, 512, 512)
+    stain = np.broadcast_to(tissue.mean((0, 1)).astype(np.uint8), tissue.shape)
+    for name, image in {"tissue": tissue, "stain": stain, "glass": crop(1700, 0, 512, 512)}.items():
+        write_pyramid(folder / f"{name}.tif", image, mpp=0.5)
+    console = io.StringIO()
+    with contextlib.redirect_stdout(console):
+        assert tile_main([str(folder), "--out", str(job), "--workers", "1", "--mpp", "2", "--size", "32"]) == 0
+    return folder, {row["slide"]: row for row in read_rows(job / "tiles.csv")}, console.getvalue()
+
+
+def fallback_note(path, found):
+    """The start and the end of the note in tiles.csv of a slide whose tissue is not Otsu's split."""
+    return (f"{path}: {found} found (Otsu's threshold ",
+            "glass has less than 0.1): saturation threshold 0.1 used instead of Otsu's (pass --saturation_threshold "
+            "to choose)")
+
+
+@pytest.mark.parametrize("name", ["tissue", "stain"])
+def test_a_crop_with_no_glass_is_tissue_from_edge_to_edge_and_says_so(glassless, name):
+    folder, rows, console = glassless
+    row = rows[name]
+    assert row["tiles"] == "16" and row["otsu_threshold"] == "0.1"
+    start, end = fallback_note(folder / f"{name}.tif", "no glass")
+    assert row["warnings"].startswith(start) and row["warnings"].endswith(end)
+    assert f"warning: {row['warnings']}" in console
+
+
+def test_otsus_threshold_on_tissue_alone_finds_none(glassless, tmp_path):
+    folder, rows, _ = glassless
+    otsu = re.search(r"Otsu's threshold ([\d.]+)", rows["tissue"]["warnings"])[1]  # what the tiler used before
+    assert float(otsu) > 0.3
+    assert tile_main([str(folder / "tissue.tif"), "--out", str(tmp_path / "p"), "--workers", "1", "--mpp", "2",
+                      "--size", "32", "--saturation_threshold", otsu]) == 0
+    row = read_rows(tmp_path / "p" / "tiles.csv")[0]
+    assert row["tiles"] == "0" and "gave 0 patches: no tile holds 60% tissue (0.0 mm2 of tissue" in row["warnings"]
+
+
+def test_glass_alone_gives_no_patch_and_a_slide_with_glass_keeps_otsus_threshold(glassless, tiled):
+    folder, rows, _ = glassless
+    assert rows["glass"]["tiles"] == "0" and rows["glass"]["otsu_threshold"] == "0.1"
+    zero, note = rows["glass"]["warnings"].rsplit("; ", 1)
+    start, end = fallback_note(folder / "glass.tif", "only glass")
+    assert note.startswith(start) and note.endswith(end)
+    assert zero == (f"{folder / 'glass.tif'} gave 0 patches: no tile holds 60% tissue (0.0 mm2 of tissue found); see "
+                    "thumbnails/glass.png in the job folder, and lower --min_tissue or set --saturation_threshold")
+    cmu = read_rows(tiled[0] / "tiles.csv")[0]
+    assert (cmu["otsu_threshold"], cmu["tiles"], cmu["warnings"]) == ("0.209", "40", "")  # Otsu's, as before
 
 
 @pytest.mark.parametrize("name, content", [
