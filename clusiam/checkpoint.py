@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import os
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from clusiam.errors import CheckpointError
 from clusiam.files import write_atomically
@@ -48,6 +50,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
                               f"{path / 'last.pth'}; to resume its run, pretrain.py --save_path {path} --resume auto")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist: check its path")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path} is not a checkpoint (torch.save writes a zip archive, and this file is not "
+                              "one, or not a whole one): pass a last.pth or checkpoint_NNNN.pth that pretrain.py wrote")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -75,9 +80,23 @@ def load_pretrained(path: str | os.PathLike) -> tuple[PretrainModel, dict[str, A
     state = load_checkpoint(path)
     config = state["config"]
     model = PretrainModel(config["model_type"], config["backbone"], config["feat_size"], config["num_clusters"])
-    try:
-        model.load_state_dict(state["state_dict"])
-    except RuntimeError as error:
-        raise CheckpointError(f"{path}: weights do not fit a {config['model_type']}/{config['backbone']} network "
-                              f"({error})") from error
+    check_weights(model, state, path)
+    model.load_state_dict(state["state_dict"])
     return model.eval(), state
+
+
+def check_weights(model: nn.Module, state: dict[str, Any], path: str | os.PathLike) -> None:
+    """Refuse a checkpoint whose weights do not fit ``model``, in one line with counts and the
+    first few names (torch's own message lists every key)."""
+    own, given = model.state_dict(), state["state_dict"]
+    faults = {"missing": [key for key in own if key not in given],
+              "unexpected": [key for key in given if key not in own],
+              "of another shape": [key for key in own if key in given
+                                   and tuple(getattr(given[key], "shape", ())) != tuple(own[key].shape)]}
+    found = [f"{len(keys)} {fault} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+             for fault, keys in faults.items() if keys]
+    if found:
+        config = state["config"]
+        raise CheckpointError(f"{path}: its weights do not fit a {config['model_type']} {config['backbone']} network "
+                              f"with {config['feat_size']} features and {config['num_clusters']} clusters: "
+                              f"{'; '.join(found)}")

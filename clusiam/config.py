@@ -61,9 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--epochs", default=50, type=int, action=InRange, at_least=1)
     optim.add_argument("--start_epoch", default=0, type=int, action=InRange, at_least=0,
                        help="ignored when --resume gives the epoch")
-    # NaN is let through: it stops training at the first step with a NonFiniteLossError that keeps the
-    # last good checkpoint, and the test suite poisons a run with --lr nan to check exactly that.
-    optim.add_argument("--lr", default=0.05, type=float, action=InRange, above=0, allow_nan=True,
+    optim.add_argument("--lr", default=0.05, type=float, action=InRange, above=0,
                        help="base learning rate; the SGD rate is lr * batch_size / 256")
     optim.add_argument("--weight_decay", default=1e-4, type=float, action=InRange, at_least=0)
     optim.add_argument("--momentum", default=0.9, type=float, action=InRange, at_least=0, below=1,

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from clusiam.augment import RGB_FROM_HED
 from clusiam.errors import ConfigError, run_command
+from clusiam.files import check_output_folder, make_folder
 from clusiam.tables import write_csv
 
 CMU_SLIDE = Path(__file__).parent / "assets" / "cmu_small_region.svs"
@@ -206,7 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no_cmu", dest="cmu_patches", action="store_false", help="synthetic slides only")
     args = parser.parse_args(argv)
     out = args.__dict__.pop("out")
-    return run_command(lambda: print(f"demo set written to {prepare_demo(out, check_spec(DemoSpec(**vars(args))))}"))
+
+    def write() -> None:
+        spec = check_spec(DemoSpec(**vars(args)))
+        print(f"demo set written to {prepare_demo(make_folder(check_output_folder(out, 'OUT_DIR'), 'OUT_DIR'), spec)}")
+
+    return run_command(write)
 
 
 if __name__ == "__main__":

@@ -61,7 +61,8 @@ def run_command(action: Callable[[], object]) -> int:
         action()
     except UserError as error:
         rank = process_rank()
-        print(f"error{f' (rank {rank})' if rank else ''}: {message(error)}", flush=True)  # one write: ranks do not mix
+        text = message(error).replace("\r", "\\r").replace("\n", "\\n")  # one line, whatever a file is named
+        print(f"error{f' (rank {rank})' if rank else ''}: {text}", flush=True)  # one write: ranks do not mix
         return 2
     return 0
 
@@ -99,23 +100,22 @@ class InRange(argparse.Action):
     ``below`` and ``at_most``. A value outside the range (each value, with ``nargs``) is
     refused naming the flag and the rule, ``--lr must be above 0 (got -0.1)``, before any
     work; values a config file passes through the same parser are checked alike. ``--help``
-    shows the rule. NaN lies in no range and is refused unless ``allow_nan``. Defaults are
-    the code's own and are not checked (None stays "unset")."""
+    shows the rule. NaN and infinity lie in no range (an infinite rate or weight only fails
+    steps later). Defaults are the code's own and are not checked (None stays "unset")."""
 
     def __init__(self, option_strings: Sequence[str], dest: str, *, above: float | None = None,
                  at_least: float | None = None, below: float | None = None, at_most: float | None = None,
-                 allow_nan: bool = False, **options) -> None:
+                 **options) -> None:
         if (above is not None and at_least is not None) or (below is not None and at_most is not None):
             raise ValueError(f"{dest}: give one lower bound (above or at_least) and one upper bound (below or at_most)")
         self.above, self.at_least, self.below, self.at_most = above, at_least, below, at_most
-        self.allow_nan = allow_nan
         self.rule = range_rule(above, at_least, below, at_most)
         options["help"] = f"{options['help']} (must be {self.rule})" if options.get("help") else f"must be {self.rule}"
         super().__init__(option_strings, dest, **options)
 
     def admits(self, value: float) -> bool:
-        if math.isnan(value):
-            return self.allow_nan
+        if not math.isfinite(value):
+            return False
         return ((self.above is None or value > self.above) and (self.at_least is None or value >= self.at_least)
                 and (self.below is None or value < self.below) and (self.at_most is None or value <= self.at_most))
 

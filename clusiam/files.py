@@ -14,11 +14,13 @@ import errno
 import hashlib
 import json
 import os
+import re
 import secrets
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from clusiam.errors import ConfigError, DataError, DiskFullError
+from clusiam.runlock import alive
 from clusiam.storage import is_local, list_files, location
 
 
@@ -46,7 +48,8 @@ def scan_files(folder: str, extensions: tuple[str, ...]) -> Iterator[str]:
     """The paths of the files under ``folder`` whose lower-cased suffix is in ``extensions``.
     ``os.scandir`` tells files from folders without a stat per file, which ``Path.rglob`` with
     ``is_file`` does not (benchmarks/startup.py times both). Like ``rglob``, it does not
-    descend into linked folders, keeps linked files and passes over folders it may not read."""
+    descend into linked folders, keeps linked files and passes over folders it may not read;
+    a link that leads nowhere (dangling, or a loop) is kept too, for the check to name it."""
     try:
         entries = os.scandir(folder)
     except PermissionError:
@@ -55,7 +58,7 @@ def scan_files(folder: str, extensions: tuple[str, ...]) -> Iterator[str]:
         for entry in entries:
             if entry.is_dir(follow_symlinks=False):
                 yield from scan_files(entry.path, extensions)
-            elif os.path.splitext(entry.name)[1].lower() in extensions and entry.is_file():
+            elif os.path.splitext(entry.name)[1].lower() in extensions and (entry.is_symlink() or entry.is_file()):
                 yield entry.path
 
 
@@ -75,7 +78,10 @@ def file_list_key(files: Sequence[Path]) -> str:
     misses the cache."""
     digest = hashlib.sha256()
     for path in files:
-        stat = os.stat(path)
+        try:
+            stat = os.stat(path)
+        except OSError:  # a link that leads nowhere: its own entry, which the check names
+            stat = os.lstat(path)
         digest.update(f"{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 
@@ -135,7 +141,7 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], object]) -
     never rename each other's) and keeps the suffix (``last.tmp.<unique>.pth``), for writers
     that add or check one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent, "output folder")
     temporary = path.with_name(f"{path.stem}.tmp.{os.getpid()}-{secrets.token_hex(4)}{path.suffix}")
     try:
         with reporting_full_disk(path):
@@ -143,6 +149,22 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], object]) -
             os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+# write_atomically's temporaries: <stem>.tmp.<pid>-<8 hex>[<suffix>]
+TEMPORARY = re.compile(r"\.tmp\.(\d+)-[0-9a-f]{8}(\.[^.]*)?$")
+
+
+def remove_left_temporaries(folder: Path) -> list[Path]:
+    """Remove the temporaries :func:`write_atomically` left in ``folder`` when its writer was
+    killed mid-write (their PID runs no process on this host any more); return them."""
+    removed = []
+    for path in folder.iterdir() if folder.is_dir() else ():
+        match = TEMPORARY.search(path.name)
+        if match and not alive(int(match.group(1)), None):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def check_output_folder(path: str | os.PathLike, flag: str) -> Path:

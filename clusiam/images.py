@@ -72,6 +72,8 @@ def inspect_image(path: Path, min_size: int) -> tuple[str | None, tuple[int, int
     changed bytes inside its compressed data mostly decode without any error
     (benchmarks/image_check.py measures both).
     """
+    if path.is_symlink() and not path.exists():
+        return f"a symbolic link that leads nowhere (to {os.readlink(path)}: missing, or a loop of links)", None
     try:
         length = path.stat().st_size
         if length == 0:

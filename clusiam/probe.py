@@ -153,8 +153,9 @@ def plan_probe(args: argparse.Namespace) -> ProbePlan:
         patches = read_labelled_patches(table)
         if isinstance(patches.source, FolderSource):  # slides are checked as they are read
             check_images(patches.source.files, 1, skip_bad_files=False, same_size=True)
-    except UserError as error:
-        raise type(error)(f"--probe {table}: {error}") from None
+    except UserError as error:  # named once: the message of a table's own fault starts with its path
+        text = str(error)
+        raise type(error)(f"--probe {text}" if text.startswith(str(table)) else f"--probe {table}: {text}") from None
     positive = positive_class(sorted(set(patches.labels)), args.probe_positive)
     if positive is None:
         raise DataError(f"--probe {table}: no class is named tumor; name the positive class with --probe_positive "

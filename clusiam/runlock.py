@@ -87,9 +87,7 @@ class RunLock:
                     continue
                 reason = self.left_behind(holder)
                 if reason is None:
-                    return (f"{self.path.parent} is in use by another run: host {holder.get('host')}, PID "
-                            f"{holder.get('pid')}, started {holder.get('started')} (lock file {self.path}). Wait "
-                            f"for it to end, or pass another {self.flag}")
+                    return self.busy(holder)
                 self.take_over(holder, reason)
                 continue
             with os.fdopen(handle, "w") as file:
@@ -98,6 +96,19 @@ class RunLock:
             self._heartbeat.start()
             return None
         return f"{self.path} keeps changing while this run tries to take it: is another run starting there?"
+
+    def in_use(self) -> str | None:
+        """Why the folder is in use by another live run (what :meth:`acquire` would refuse with),
+        or None; takes nothing, so a run can say so before anything else about the folder."""
+        holder = self.holder()
+        if holder is None or self.left_behind(holder) is not None:
+            return None
+        return self.busy(holder)
+
+    def busy(self, holder: dict) -> str:
+        return (f"{self.path.parent} is in use by another run: host {holder.get('host')}, PID {holder.get('pid')}, "
+                f"started {holder.get('started')} (lock file {self.path}). Wait for it to end, or pass another "
+                f"{self.flag}")
 
     def holder(self) -> dict | None:
         """The record in the lock file, with its age in seconds; None if it is gone."""

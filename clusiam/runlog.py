@@ -86,21 +86,26 @@ class RunLog:
     writes (the other processes hold a log that does nothing)."""
 
     def __init__(self, log_dst: Path) -> None:
+        self.log_dst = log_dst
         self.csv_path = log_dst / "epochs.csv"
-        self.writer = SummaryWriter(str(log_dst)) if is_main() else None
+        self.main = is_main()
+        self.writer: SummaryWriter | None = None  # made with the first scalar (restoring a row writes none)
 
     def scalars(self, values: dict[str, float | None], step: int, group: str = "train") -> None:
         """``group/<name>`` at ``step``; an undefined value (None) is left out."""
-        if self.writer is not None:
-            for name, value in values.items():
-                if value is not None:
-                    self.writer.add_scalar(f"{group}/{name}", value, step)
+        if not self.main:
+            return
+        if self.writer is None:
+            self.writer = SummaryWriter(str(self.log_dst))
+        for name, value in values.items():
+            if value is not None:
+                self.writer.add_scalar(f"{group}/{name}", value, step)
 
     def epoch_row(self, row: dict[str, float]) -> None:
         """Append an epoch's row (written once its checkpoint is on disk). A row with columns
         the file lacks (a resumed run that probes, where the first did not) rewrites the file
         with every column, the earlier rows' new cells empty."""
-        if self.writer is None:
+        if not self.main:
             return
         header = self.header()
         added = [name for name in row if name not in (header or [])]
@@ -114,7 +119,8 @@ class RunLog:
                 if not header:
                     writer.writeheader()
                 writer.writerow(row)
-        self.writer.flush()
+        if self.writer is not None:
+            self.writer.flush()
 
     def header(self) -> list[str] | None:
         """The columns of ``epochs.csv``; None before it has any."""
@@ -134,7 +140,7 @@ class RunLog:
         """Append the row of the checkpoint's epoch when the CSV lacks it: a run stopped between
         saving its checkpoint and writing the row resumes with the row written."""
         row = checkpoint.get("log_row")
-        if row is None or self.writer is None:
+        if row is None or not self.main:
             return
         if row["epoch"] not in {int(float(line["epoch"])) for line in self.rows()}:
             self.epoch_row(row)

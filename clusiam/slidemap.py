@@ -27,6 +27,7 @@ from clusiam.checkpoint import load_pretrained
 from clusiam.distributed import resolve_device
 from clusiam.errors import DataError, UserError, run_command
 from clusiam.features import cluster_head, encode
+from clusiam.files import check_output_folder, make_folder
 from clusiam.slide_source import SlideSource, job_pairs
 from clusiam.slides import open_slide
 from clusiam.sources import PatchSource
@@ -151,6 +152,7 @@ def check_inputs(args: argparse.Namespace) -> None:
     if args.annotations is not None and not args.annotations.exists():
         raise DataError(f"--annotations {args.annotations} does not exist: pass an ASAP .xml or a .geojson file, "
                         "or a folder of <slide>.xml / <slide>.geojson, or leave --annotations out")
+    check_output_folder(args.out, "--out")
 
 
 def score_colours(scores: np.ndarray, slide: str, source: Path) -> np.ndarray:
@@ -190,17 +192,16 @@ def draw(args: argparse.Namespace) -> Path:
     scale = args.map_mpp / tiles["mpp0"]
     thumbnail = slide_thumbnail(slide, scale)
     slide.close()
-    args.out.mkdir(parents=True, exist_ok=True)
-    if args.checkpoint:
+    if args.checkpoint:  # the checkpoint is read, and may be refused, before anything is written
         patches, _ = SlideSource.checked([(slide_path, coords_path)])
         clusters = tile_clusters(args.checkpoint, patches, args.device, args.batch_size)
         colours = cluster_palette(int(clusters.max()) + 1)[clusters]
-        target = args.out / f"{name}_clusters.png"
+        target = make_folder(args.out, "--out") / f"{name}_clusters.png"
         write_csv(args.out / f"{name}_clusters.csv", ("x", "y", "cluster"),
                   [(x, y, c) for (x, y), c in zip(tiles["coords"], clusters)])
     else:
         colours = score_colours(read_scores(args.scores, name, tiles["coords"]), name, args.scores)
-        target = args.out / f"{name}_heatmap.png"
+        target = make_folder(args.out, "--out") / f"{name}_heatmap.png"
     picture = paint(thumbnail, tiles["coords"], tiles["tile0"], colours, scale)
     if args.annotations is not None:
         draw_contours(picture, args.annotations, name, scale)

@@ -266,6 +266,25 @@ def publish(staging: Path, job: Path, relative: Path, name: str) -> None:
     staging.rmdir()
 
 
+def withdraw(job: Path, name: str) -> bool:
+    """Remove what an earlier run wrote for slide ``name`` (its coordinates, patches and
+    thumbnail), which this run could not tile again, so that the job never describes a slide
+    as it no longer is; return whether there was any."""
+    coords = job / COORDS / f"{name}.h5"
+    if not coords.is_file():
+        return False
+    try:
+        with h5py.File(coords, "r") as handle:
+            paths = handle["paths"].asstr()[:] if "paths" in handle else []
+    except OSError:  # a damaged coordinate file: it goes, with what can be found of the rest
+        paths = []
+    for folder in {Path(path).parent for path in paths}:
+        shutil.rmtree(job / folder, ignore_errors=True)
+    coords.unlink()
+    (job / THUMBNAILS / f"{name}.png").unlink(missing_ok=True)
+    return True
+
+
 def plan_reading(slide, path: Path, options: TilingOptions) -> ReadPlan:
     """The grid and the reader of one slide: ``--size`` pixels at ``--mpp``, on a grid that
     steps by the tile less the overlap in whole pixels at ``--mpp`` (what the coordinate file
@@ -620,6 +639,10 @@ def tile(args: argparse.Namespace) -> dict:
     if options.annotations is not None:
         report_unannotated(slides, options.annotations)
     rows, failed = tile_all(slides, job, classes, options, args.workers)
+    withdrawn = [path.stem for path, _ in failed if withdraw(job, path.stem)]
+    if withdrawn:
+        print(f"removed the earlier coordinates, patches and thumbnails of {len(withdrawn)} slide(s) that could not "
+              f"be tiled again ({', '.join(withdrawn)})")
     files = {path.stem: path.resolve() for path in slides}
     kept = write_job(job, earlier, {row["slide"]: files[row["slide"]] for row in rows}, options)
     failed_list = write_tables(job, rows, failed, kept)

@@ -33,12 +33,12 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from clusiam.augment import BatchViews, TwoViews, ViewRecipe, paper_augmentation, stack_by_size, stored_patches
-from clusiam.checkpoint import ARCHITECTURE_OPTIONS, load_checkpoint, save_checkpoint
+from clusiam.checkpoint import ARCHITECTURE_OPTIONS, check_weights, load_checkpoint, save_checkpoint
 from clusiam.config import parse_config
 from clusiam.demo import DemoSpec, prepare_demo
 from clusiam.distributed import barrier, check_replicas_agree, is_main, main_computes, processes, rank, world_size
 from clusiam.errors import ConfigError, DataError, DiskFullError, run_command
-from clusiam.files import make_folder
+from clusiam.files import make_folder, remove_left_temporaries
 from clusiam.images import Checked, check_images, find_images, remember_check
 from clusiam.ledger import pretraining_slides
 from clusiam.models import PretrainModel
@@ -118,6 +118,7 @@ def load_resumable(path: Path, args: argparse.Namespace) -> dict:
         if checkpoint["config"][option] != getattr(args, option):
             raise ConfigError(f"--resume {path} was trained with --{option} {checkpoint['config'][option]}, "
                               f"not {getattr(args, option)}: pass the same value")
+    check_weights(PretrainModel(args.model_type, args.backbone, args.feat_size, args.num_clusters), checkpoint, path)
     saved = checkpoint["config"]
     changed = [f"--{name} {getattr(args, name)} (was {saved[name]})" for name in TRAINING_OPTIONS
                if name in saved and saved[name] != getattr(args, name)]
@@ -195,6 +196,10 @@ def run_folder(save_path: Path, log_dst: Path) -> Iterator[None]:
     try:
         if is_main():
             make_folder(log_dst, "--log_dst")
+            left = remove_left_temporaries(save_path) + remove_left_temporaries(log_dst)
+            if left:
+                print(f"note: removed {len(left)} temporary file(s) a run killed while saving left behind "
+                      f"({', '.join(path.name for path in left)})")
         yield
     finally:
         if lock is not None:
@@ -260,8 +265,6 @@ def set_up_run(device: torch.device, args: argparse.Namespace, checkpoint: dict 
     ``checkpoint`` when it continues one."""
     skipped_reported = skipped.count() if skipped is not None and is_main() else 0  # the check's, reported
     mean, std = normalization(args, checkpoint, source, skipped)
-    if len(source) < args.batch_size:
-        raise DataError(f"only {len(source)} usable images for --batch_size {args.batch_size}: lower --batch_size")
     # channels_last and bf16 autocast are what make convolutions fast on tensor cores.
     on_gpu = device.type == "cuda"
     memory_format = torch.channels_last if on_gpu else torch.preserve_format
@@ -271,7 +274,7 @@ def set_up_run(device: torch.device, args: argparse.Namespace, checkpoint: dict 
     optimizer = build_optimizer(model, init_lr, args.momentum, args.weight_decay, args.fix_pred_lr)
     start_epoch, step = args.start_epoch, 0
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["state_dict"])
+        model.load_state_dict(checkpoint["state_dict"])  # checked by load_resumable
         optimizer.load_state_dict(checkpoint["optimizer"])
         start_epoch, step = checkpoint["epoch"], checkpoint["step"]
     network = model
@@ -442,22 +445,23 @@ def train_on(device: torch.device, args: argparse.Namespace) -> Path:
     if args.batch_size % world_size():
         raise ConfigError(f"--batch_size {args.batch_size} is the global batch and must split evenly over the "
                           f"{world_size()} processes: pass a multiple of {world_size()}")
+    in_use = main_computes(lambda: RunLock(save_path).in_use())  # before anything is said of the folder's files
+    if in_use is not None:
+        raise ConfigError(in_use)
     resume, checkpoint = checkpoint_to_resume(args, save_path)
     if checkpoint is not None and checkpoint["epoch"] >= args.epochs:
-        print_rank_zero(f"{resume} already holds {checkpoint['epoch']} epochs (--epochs {args.epochs}): "
-                        "nothing to train; pass a larger --epochs to train on")
-        return resume
+        return nothing_to_train(resume, checkpoint, args)
     on_demo = args.data_dir is None and args.coords is None
     if on_demo:
         check_demo_size(args)
-    inputs = None if on_demo else check_source(args.data_dir, args)
+    inputs = None if on_demo else check_batch_size(check_source(args.data_dir, args), args)
     probe_plan = plan_probe(args)
     with run_folder(save_path, log_dst):
         refuse_earlier_run(resume, save_path)  # again, now that no other run can write here
         if inputs is None:
             demo = main_computes(lambda: prepare_demo(save_path / "demo_data"))
             print_rank_zero(f"no DATA_DIR given: training on the built-in demo set in {demo}")
-            inputs = check_source(demo, args)
+            inputs = check_batch_size(check_source(demo, args), args)
         source, checked = inputs
         run = set_up_run(device, args, checkpoint, source, record_check(checked, save_path, args))
         if probe_plan is not None:
@@ -468,6 +472,26 @@ def train_on(device: torch.device, args: argparse.Namespace) -> Path:
     last = save_path / "last.pth"
     print_rank_zero(f"done: {last}")
     return last
+
+
+def check_batch_size(inputs: tuple[PatchSource, Checked], args: argparse.Namespace) -> tuple[PatchSource, Checked]:
+    """The checked patches, refused when they cannot fill one batch."""
+    if len(inputs[0]) < args.batch_size:
+        raise DataError(f"only {len(inputs[0])} usable images for --batch_size {args.batch_size}: lower --batch_size")
+    return inputs
+
+
+def nothing_to_train(resume: Path, checkpoint: dict, args: argparse.Namespace) -> Path:
+    """A checkpoint that already holds the epochs asked for. In its own run folder, the row of
+    its last epoch is written where a kill between the checkpoint and the row lost it, and a
+    killed run's lock is taken over and released."""
+    save_path, log_dst = Path(args.save_path), Path(args.log_dst)
+    if resume.resolve() == (save_path / "last.pth").resolve():
+        with run_folder(save_path, log_dst):
+            RunLog(log_dst).restore_row(checkpoint)
+    print_rank_zero(f"{resume} already holds {checkpoint['epoch']} epochs (--epochs {args.epochs}): "
+                    "nothing to train; pass a larger --epochs to train on")
+    return resume
 
 
 def record_check(checked: Checked, save_path: Path, args: argparse.Namespace) -> SkipLog | None:

@@ -40,5 +40,8 @@ def test_loading_refuses_what_is_not_a_clusiam_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="lacks config.backbone"):
         load_checkpoint(tmp_path / "no_backbone.pth")
     (tmp_path / "text.pth").write_text("hello")
-    with pytest.raises(CheckpointError, match="not a readable clusiam checkpoint"):
+    with pytest.raises(CheckpointError, match=r"text.pth is not a checkpoint \(torch.save writes a zip archive"):
         load_checkpoint(tmp_path / "text.pth")
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "other.pth").read_bytes()[:-100])  # a copy cut short
+    with pytest.raises(CheckpointError, match=r"cut.pth is not a checkpoint \(.*, or not a whole one\)"):
+        load_checkpoint(tmp_path / "cut.pth")

@@ -57,6 +57,9 @@ def test_a_config_file_that_is_not_yaml_is_named_with_the_line(tmp_path, name, c
     ("--momentum", ["1"], "--momentum must be in [0, 1) (got 1.0)"),
     ("--tau", ["0"], "--tau must be above 0 (got 0.0)"),
     ("--tau", ["nan"], "--tau must be above 0 (got nan)"),
+    ("--lr", ["nan"], "--lr must be above 0 (got nan)"),  # a diverging run is a test's doing, not an option
+    ("--lr", ["inf"], "--lr must be above 0 (got inf)"),  # infinity passed "above 0" and failed at step 2
+    ("--weight_decay", ["inf"], "--weight_decay must be at least 0 (got inf)"),
     ("--eps", ["-0.5"], "--eps must be above 0 (got -0.5)"),
     ("--target_momentum", ["1.5"], "--target_momentum must be in [0, 1] (got 1.5)"),
     ("--num_clusters", ["1"], "--num_clusters must be at least 2 (got 1)"),

@@ -179,6 +179,16 @@ def test_an_out_that_is_a_folder_is_refused_asking_for_a_file_name(tiny_checkpoi
     assert list(tmp_path.iterdir()) == [folder] and not list(folder.iterdir())
 
 
+def test_an_out_where_no_folder_can_be_made_is_one_error_naming_it(tiny_checkpoint, capsys):
+    """/proc takes no new folder, and a root user passes every permission check: the folder's
+    creation fails, and says so in one line (it used to be a FileNotFoundError traceback)."""
+    out = Path("/proc/clusiam-test/encoder.pth")
+    assert export_main([str(tiny_checkpoint), "--format", "torchvision", "--out", str(out)]) == 2
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "/proc/clusiam-test" in lines[0]
+    assert ("cannot be created" in lines[0]) or ("not writable" in lines[0])
+
+
 def small_file_size_limit():
     """In the child, before it runs: files may not grow past 1 MiB, and a write past that fails with
     EFBIG (SIGXFSZ, which would kill the process instead, is ignored): a full disk in miniature."""

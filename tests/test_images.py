@@ -65,6 +65,10 @@ def write_bad(tmp_path, kind):
         path.write_text("<html>this is a web page saved as png</html>")
     elif kind == "too_small":
         save_png(path, size=20)
+    elif kind == "dangling_link":  # the patch it named was deleted
+        path.symlink_to(path.with_name("deleted.png"))
+    elif kind == "link_loop":
+        path.symlink_to(path)
     elif kind == "truncated_jpeg":
         path = path.with_suffix(".jpg")
         buffer = io.BytesIO()
@@ -80,6 +84,8 @@ def write_bad(tmp_path, kind):
     ("truncated_jpeg", "truncated JPEG"),
     ("not_an_image", "not a readable image"),
     ("too_small", "20x20, smaller than the crop size 32: pass --image_size 20"),
+    ("dangling_link", "a symbolic link that leads nowhere \\(to .*deleted.png: missing"),
+    ("link_loop", "a symbolic link that leads nowhere \\(to .*link_loop.png: missing, or a loop"),
 ])
 def test_each_bad_file_stops_the_run_naming_the_file(tmp_path, kind, reason):
     good = [save_png(tmp_path / "normal" / "slide" / f"{i}.png", seed=i) for i in range(3)]
@@ -104,13 +110,14 @@ def test_the_cli_stops_before_training_on_a_bad_file(tiny_demo, tmp_path, capsys
 
 def test_skip_bad_files_counts_and_lists_what_it_leaves_out(tmp_path, capsys):
     good = [save_png(tmp_path / "ok" / f"{i}.png", seed=i) for i in range(4)]
-    bad = [write_bad(tmp_path, kind) for kind in ("empty", "truncated", "not_an_image", "too_small")]
+    bad = [write_bad(tmp_path, kind) for kind in ("empty", "truncated", "not_an_image", "too_small", "dangling_link",
+                                                  "link_loop")]
     report = tmp_path / "run" / "skipped_files.txt"
     checked = check_images(find_images(tmp_path, "DATA_DIR"), 32, skip_bad_files=True)
     checked.report(report)
     kept = checked.good
     assert kept == sorted(good)
-    assert "skipped 4 of 8 files" in capsys.readouterr().out
+    assert "skipped 6 of 10 files" in capsys.readouterr().out
     listed = [line.split("\t")[0] for line in report.read_text().splitlines()]
     assert sorted(listed) == sorted(map(str, bad))
 

@@ -100,7 +100,7 @@ def test_a_baseline_method_probes_without_cluster_columns_and_a_resumed_run_adds
     ("few", "--probe {table}: its training half holds 4 patches, fewer than the k = 20 the probe scores"),
     ("no_tumor", "--probe {table}: no class is named tumor; name the positive class with --probe_positive (one of "
                  "a, b)"),
-    ("missing", "--probe {table}: {table} does not exist"),
+    ("missing", "error: --probe {table} does not exist"),  # the table named once
 ])
 def test_a_probe_table_that_cannot_be_probed_is_refused_before_the_run_folder_exists(tiny_demo, tmp_path, capsys,
                                                                                       table, message):

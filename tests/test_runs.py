@@ -224,3 +224,91 @@ def test_a_patch_that_cannot_be_decoded_is_named_or_with_skip_bad_files_replaced
     assert listed and all(line.startswith(f"{bad}\tcannot be decoded") for line in listed)
     assert "more patches or slides could not be read" in out and str(run / "skipped_files.txt") in out
     assert np.isfinite([float(r["loss"]) for r in epochs_csv(run)]).all() and len(epochs_csv(run)) == 2
+
+
+# --- what refused and killed runs leave ---------------------------------------------------
+
+def test_a_refused_run_leaves_no_folder(tiny_demo, tmp_path, capsys):
+    """Every value is checked before the run folder exists: a batch the patches cannot fill, an
+    infinite learning rate or weight decay (which used to pass and fail at step 2)."""
+    data = copy_demo(tiny_demo, tmp_path / "data", count=12)
+    refusals = {"--batch_size": ("only 12 usable images for --batch_size 16: lower --batch_size", []),
+                "--lr": ("--lr must be above 0 (got inf)", ["--lr", "inf"]),
+                "--weight_decay": ("--weight_decay must be at least 0 (got inf)", ["--weight_decay", "inf"])}
+    for flag, (message, extra) in refusals.items():
+        count = "12" if flag != "--batch_size" else "16"
+        assert main(tiny_run_args(data, tmp_path / flag, "--batch_size", count, *extra)) == 2
+        assert message in capsys.readouterr().out
+        assert not (tmp_path / flag).exists()
+
+
+def test_temporaries_a_killed_writer_left_go_with_the_next_start(tiny_demo, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(parse_config(tiny_run_args(tiny_demo, run, "--epochs", "1")))
+    dead = finished_process_pid()
+    left = [run / f"last.tmp.{dead}-0123abcd.pth", run / "logs" / f"epochs.tmp.{dead}-89abcdef.csv"]
+    live = run / f"normalization.tmp.{os.getpid()}-fedcba98.json"  # a writer still running: not ours to remove
+    for path in (*left, live):
+        path.write_bytes(b"half a checkpoint")
+    train(parse_config(tiny_run_args(tiny_demo, run, "--epochs", "2", "--resume", "auto")))
+    assert "note: removed 2 temporary file(s) a run killed while saving left behind" in capsys.readouterr().out
+    assert not any(path.exists() for path in left) and live.exists()
+
+
+def test_a_kill_after_the_last_checkpoint_loses_neither_its_row_nor_leaves_its_lock(tiny_demo, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(parse_config(tiny_run_args(tiny_demo, run, "--epochs", "1")))
+    row = epochs_csv(run)[0]
+    csv_path = run / "logs" / "epochs.csv"
+    csv_path.write_text(csv_path.read_text().splitlines()[0] + "\n")  # killed after last.pth, before its row
+    write_lock(run, host=socket.gethostname(), pid=finished_process_pid())  # and its lock left behind
+    assert main(tiny_run_args(tiny_demo, run, "--epochs", "1", "--resume", "auto")) == 0
+    out = capsys.readouterr().out
+    assert "nothing to train" in out and "is no longer running" in out
+    assert epochs_csv(run) == [row] and not (run / LOCK_NAME).exists()
+    assert not list((run / "logs").glob("events.out.tfevents.*"))[1:]  # the restore writes no event file of its own
+
+
+def test_a_second_run_in_a_live_folder_is_told_it_is_in_use_before_anything_else(tiny_demo, tmp_path, capsys):
+    """The first run has saved an epoch: the second is told the folder is in use, not to pass --resume
+    auto (which would only have been refused as in use)."""
+    run = tmp_path / "run"
+    train(parse_config(tiny_run_args(tiny_demo, run, "--epochs", "1")))
+    holder = RunLock(run)
+    assert holder.acquire() is None  # a live run's lock: this process
+    try:
+        assert main(tiny_run_args(tiny_demo, run, "--epochs", "2")) == 2
+        out = capsys.readouterr().out
+    finally:
+        holder.release()
+    assert f"error: {run} is in use by another run" in out and "--resume auto" not in out
+
+
+def test_bad_checkpoints_are_one_line_that_says_what_they_are(tiny_checkpoint, tiny_demo, tmp_path, capsys):
+    state = load_checkpoint(tiny_checkpoint)
+    weights = state["state_dict"]
+    del weights["backbone.conv1.weight"], weights["backbone.bn1.weight"]  # as a network of another kind would lack them
+    weights["head.extra"] = torch.zeros(3)
+    weights["projector.layers.0.weight"] = weights["projector.layers.0.weight"][:, :7]
+    misfit = tmp_path / "misfit.pth"
+    torch.save(state, misfit)
+    text = tmp_path / "text.pth"
+    text.write_text("epoch,loss\n1,0.5\n")
+    misfit_message = (f"{misfit}: its weights do not fit a clusiam resnet18 network with 2048 features and 8 "
+                      "clusters: 2 missing (backbone.conv1.weight, backbone.bn1.weight); 1 unexpected (head.extra); "
+                      "1 of another shape (projector.layers.0.weight)")
+    text_message = f"{text} is not a checkpoint (torch.save writes a zip archive, and this file is not one"
+    for checkpoint, message in ((misfit, misfit_message), (text, text_message)):
+        assert main(tiny_run_args(tiny_demo, tmp_path / "run", "--epochs", "2", "--resume", str(checkpoint))) == 2
+        lines = capsys.readouterr().out.strip().splitlines()
+        assert lines[-1].startswith(f"error: {message}") and len(lines[-1]) < 400
+        assert not (tmp_path / "run").exists()
+
+
+def test_a_file_name_with_a_newline_keeps_the_error_on_one_line(tiny_demo, tmp_path, capsys):
+    data = copy_demo(tiny_demo, tmp_path / "data")
+    bad = data / "slide0" / "bad\nname.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    assert main(tiny_run_args(data, tmp_path / "run", "--epochs", "1")) == 2
+    last = capsys.readouterr().out.rstrip("\n").splitlines()[-1]
+    assert last.startswith(f"error: {data / 'slide0'}/bad\\nname.png: truncated PNG")

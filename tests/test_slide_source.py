@@ -5,6 +5,7 @@ The helpers at the top build those inputs for tests/test_train.py and tests/test
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -290,3 +291,17 @@ def test_trident_patches_past_the_slide_edge_are_read_padded_with_black_by_every
     assert features_main([*common, *where, "--out", str(tmp_path / "refused")]) == 2
     message = capsys.readouterr().out.splitlines()[-1]
     assert "1 of 17 patches lie wholly outside" in message and "--" not in message.split("right slide?")[1]
+
+
+def test_a_truncated_slide_is_refused_or_left_out_and_listed_never_read_wrong(tmp_path):
+    """A copy cut short: JPEG would decode the tiles across the cut into wrong pixels without an
+    error, so the slide is refused when checked (under skip, left out and listed)."""
+    job = write_job(tmp_path / "job", names=("a", "b"))
+    cut = tmp_path / "job_slides" / "a.tif"
+    with open(cut, "r+b") as handle:
+        handle.truncate(cut.stat().st_size - 2000)
+    with pytest.raises(SlideError, match=rf"{re.escape(str(cut))}: tiles of level 1 lie past the end of the file"):
+        SlideSource.checked(job_pairs(job))
+    source, checked = SlideSource.checked(job_pairs(job), skip=True)
+    assert source.slides == ["b"] and [path for path, _ in checked.bad] == [cut]
+    assert "truncated; copy it again" in checked.bad[0][1]

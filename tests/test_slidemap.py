@@ -134,3 +134,13 @@ def test_a_checkpoint_without_clusters_cannot_draw_a_cluster_map(job, tiny_demo,
     assert slidemap_main(["--checkpoint", str(simsiam), "--job", str(job[0]), "--slide", NAME,
                           "--out", str(tmp_path / "maps"), "--device", "cpu"]) == 2
     assert "simsiam checkpoint, which has no clusters" in capsys.readouterr().out
+
+
+def test_a_refused_checkpoint_leaves_no_out_folder(job, tmp_path, capsys):
+    folder, _, _ = job
+    notes = tmp_path / "notes.pth"
+    notes.write_text("not a checkpoint")
+    assert slidemap_main(["--checkpoint", str(notes), "--job", str(folder), "--slide", NAME,
+                          "--out", str(tmp_path / "maps")]) == 2
+    assert f"error: {notes} is not a checkpoint" in capsys.readouterr().out
+    assert not (tmp_path / "maps").exists()

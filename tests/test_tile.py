@@ -315,6 +315,26 @@ def test_tiling_a_job_again_keeps_the_earlier_slides_that_still_have_coordinates
     assert [r["slide"] for r in read_rows(job / "tiles.csv")] == ["b"] and (job / "patches" / "b").is_dir()
 
 
+def test_a_slide_that_now_fails_leaves_nothing_of_its_earlier_tiling(tmp_path, capsys):
+    """The job must never describe a slide that was not tiled: re-tiled into the job and failing
+    (the file damaged since), its coordinates, patches, thumbnail and rows go, and it is listed."""
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        shutil.copy(CMU_SLIDE, tmp_path / name / f"{name}.svs")
+    job = tmp_path / "job"
+    assert coarse(tmp_path / "a", job) == 0 and coarse(tmp_path / "b", job) == 0
+    assert (job / "coords" / "b.h5").is_file() and (job / "patches" / "b").is_dir()
+    (tmp_path / "b" / "b.svs").write_bytes(b"II*\x00 damaged since")
+    assert coarse(tmp_path / "b", job) == 2  # nothing of this run could be tiled
+    assert "removed the earlier coordinates, patches and thumbnails of 1 slide(s) that could not be tiled again (b)" \
+        in capsys.readouterr().out
+    assert not (job / "coords" / "b.h5").exists() and not (job / "patches" / "b").exists()
+    assert not (job / "thumbnails" / "b.png").exists()
+    assert list(json.loads((job / "job.json").read_text())["slides"]) == ["a"]
+    assert [r["slide"] for r in read_rows(job / "tiles.csv")] == ["a"] and (job / "patches" / "a").is_dir()
+    assert (job / "failed_slides.txt").read_text().startswith(f"{tmp_path / 'b' / 'b.svs'}\t")
+
+
 @pytest.mark.parametrize("extra, reason", [
     (["--slide_mpp", "0.001"],  # a wrong resolution: each 32 px tile would span 128000 level-0 pixels
      "a 32 px tile at 4 um/px spans 128000 level-0 pixels, more than the slide's 2220 x 2967 at 0.001 um/px; "

@@ -11,7 +11,7 @@ import torch
 from clusiam import train as training
 from clusiam.checkpoint import load_checkpoint, save_checkpoint
 from clusiam.config import parse_config
-from clusiam.errors import ConfigError
+from clusiam.errors import ConfigError, run_command
 from clusiam.models import PretrainModel
 from clusiam.step import build_optimizer, set_learning_rate
 from clusiam.train import main, train
@@ -153,10 +153,12 @@ def test_resume_refuses_a_different_architecture(tiny_demo, tmp_path):
 def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_demo, tmp_path, capsys):
     good = train(parse_config(tiny_run_args(tiny_demo, tmp_path / "run", "--epochs", "1")))
     saved = good.read_bytes()
-    # 4 steps per epoch, counted from 1: a NaN learning rate poisons the weights at step 5, the first of
-    # epoch 2, so the loss of step 6 is NaN.
-    code = main(tiny_run_args(tiny_demo, tmp_path / "run", "--epochs", "2", "--resume", str(good), "--lr", "nan",
-                              "--save_freq", "1"))
+    # 4 steps per epoch, counted from 1: a NaN learning rate, which the command line refuses, stands for a
+    # diverging run: it poisons the weights at step 5, the first of epoch 2, so the loss of step 6 is NaN.
+    args = parse_config(tiny_run_args(tiny_demo, tmp_path / "run", "--epochs", "2", "--resume", str(good),
+                                      "--save_freq", "1"))
+    args.lr = math.nan
+    code = run_command(lambda: train(args))
     assert code == 2
     assert "non-finite at step 6 (epoch 2)" in capsys.readouterr().out
     assert good.read_bytes() == saved
