@@ -27,15 +27,16 @@ setup(
         "h5py",
         "scikit-image>=0.26",
         "shapely>=2",
-        "timm",
+        "timm>=1.0.31",  # save_for_hf(data_config=...) and local-dir: folders (clusiam.export --format hub)
         "safetensors",
         "umap-learn",  # the embedding maps of the KNN report
         "fsspec",  # slides and coordinate files read from URLs (clusiam/storage.py)
         "universal_pathlib",
     ],
     # cloud: fsspec's filesystems for s3:// and gs:// slides. test: transformers' SegformerModel is the
-    # independent reference the MiT-B1 tests compare against; s3fs with moto's S3 server, started by the
+    # independent reference the MiT-B1 tests compare against, and loads the MiT-B1 hub export; kaiko-eva
+    # loads the timm hub exports as eva's configs do; s3fs with moto's S3 server, started by the
     # tests on 127.0.0.1, reads slides from S3; ruff lints the code (ruff.toml) before the tests run.
     extras_require={"cloud": ["s3fs", "gcsfs"],
-                    "test": ["pytest", "transformers", "ruff~=0.17.0", "s3fs", "moto[server]"]},
+                    "test": ["pytest", "transformers", "kaiko-eva[vision]", "ruff~=0.17.0", "s3fs", "moto[server]"]},
 )

@@ -6,7 +6,9 @@ completed, ``state_dict``: the model, ``optimizer``: the optimizer); clusiam add
 ``normalization`` (the mean/std the views were normalised with, which evaluation must
 reuse) and ``pretraining_slides``, the leakage ledger: the names of the slides it was
 pretrained on and a digest of their patches, from which an evaluation counts the test
-slides its encoder has seen (:mod:`clusiam.ledger`). Nothing in it depends on the
+slides its encoder has seen (:mod:`clusiam.ledger`); where the run asked for them, ``init``
+(what ``--init`` started the backbone from: :mod:`clusiam.initial_weights`) and ``best``
+(which epoch ``best.pth`` holds: :mod:`clusiam.best`). Nothing in it depends on the
 number of processes, so any world size resumes it: random streams are reseeded from
 (seed, epoch, rank) at every epoch instead of stored.
 """
@@ -88,15 +90,20 @@ def load_pretrained(path: str | os.PathLike) -> tuple[PretrainModel, dict[str, A
 def check_weights(model: nn.Module, state: dict[str, Any], path: str | os.PathLike) -> None:
     """Refuse a checkpoint whose weights do not fit ``model``, in one line with counts and the
     first few names (torch's own message lists every key)."""
-    own, given = model.state_dict(), state["state_dict"]
-    faults = {"missing": [key for key in own if key not in given],
-              "unexpected": [key for key in given if key not in own],
-              "of another shape": [key for key in own if key in given
-                                   and tuple(getattr(given[key], "shape", ())) != tuple(own[key].shape)]}
-    found = [f"{len(keys)} {fault} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
-             for fault, keys in faults.items() if keys]
+    found = misfit(model.state_dict(), state["state_dict"])
     if found:
         config = state["config"]
         raise CheckpointError(f"{path}: its weights do not fit a {config['model_type']} {config['backbone']} network "
                               f"with {config['feat_size']} features and {config['num_clusters']} clusters: "
                               f"{'; '.join(found)}")
+
+
+def misfit(own: dict[str, Any], given: dict[str, Any]) -> list[str]:
+    """How ``given`` weights miss a network's ``own`` state dict: counts of missing, unexpected
+    and reshaped keys, each with its first few names; empty when they fit."""
+    faults = {"missing": [key for key in own if key not in given],
+              "unexpected": [key for key in given if key not in own],
+              "of another shape": [key for key in own if key in given
+                                   and tuple(getattr(given[key], "shape", ())) != tuple(own[key].shape)]}
+    return [f"{len(keys)} {fault} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+            for fault, keys in faults.items() if keys]

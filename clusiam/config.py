@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from clusiam.backbones import backbone_family
+from clusiam.best import score_names
 from clusiam.distributed import add_dist_timeout
 from clusiam.errors import CommandParser, ConfigError, InRange
 from clusiam.files import check_output_folder
@@ -43,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--model_type", default="clusiam", choices=list(METHODS))
     model.add_argument("--backbone", default="resnet18",
                        help="resnet18 (the paper's), resnet50, mit_b1 (SegFormer / LPD encoder) or a timm model name")
+    model.add_argument("--init", default=None, metavar="FILE_OR_FOLDER",
+                       help="start the backbone from these weights instead of random ones: a torchvision or timm "
+                            "state dict, a hub folder (config.json + weights), or a clusiam checkpoint or export "
+                            "(see clusiam/initial_weights.py); recorded in checkpoints, model cards and the ledger")
     model.add_argument("--num_clusters", default=100, type=int, action=InRange, at_least=2,
                        help="clusters K of the assigner")
     model.add_argument("--feat_size", default=None, type=int, action=InRange, at_least=1,
@@ -126,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a seeded sample of at most this many patches of --probe is used")
     probes.add_argument("--probe_positive", default=None,
                         help="the class whose F1 the probes report (default: tumor)")
+    probes.add_argument("--keep_best", default=None, metavar="METRIC", choices=score_names(clustered=True),
+                        help="keep SAVE_PATH/best.pth beside last.pth: the checkpoint of the probed epoch with the "
+                             "highest METRIC, one of the probe's scores (%(choices)s; the cluster ones for clusiam "
+                             "and clubyol)")
 
     logging = parser.add_argument_group("logging and checkpoints")
     logging.add_argument("--print_freq", default=10, type=int, action=InRange, at_least=1,
@@ -221,6 +230,7 @@ def parse_config(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.augment == "pil" and (args.vflip or args.rotate90 or args.hed_jitter):
         raise ConfigError("--vflip, --rotate90 and --hed_jitter need --augment batched")
     check_data_options(args)
+    check_keep_best(args)
     args.save_path = args.save_path or os.path.join("runs", args.model_type)
     args.log_dst = args.log_dst or os.path.join(args.save_path, "logs")
     # Before any work (the demo set, the image check, the statistics): a run that cannot save is refused now.
@@ -243,3 +253,17 @@ def check_data_options(args: argparse.Namespace) -> None:
                  else "no DATA_DIR was given (the demo set is patch images)")
         raise ConfigError(f"--patch_size reads patches from slides, but {where}: drop it, or pass a tiling job "
                           "(a folder with job.json) or --coords DIR --slides DIR")
+
+
+def check_keep_best(args: argparse.Namespace) -> None:
+    """--keep_best ranks the probed epochs by one of the probe's scores: it needs --probe, and
+    a cluster score needs a method with clusters."""
+    if args.keep_best is None:
+        return
+    if args.probe is None:
+        raise ConfigError(f"--keep_best {args.keep_best} keeps the best probed epoch, and no --probe is given: pass "
+                          "--probe TABLE, or drop --keep_best")
+    scores = score_names(METHODS[args.model_type].clustered)
+    if args.keep_best not in scores:
+        raise ConfigError(f"--keep_best {args.keep_best}: {args.model_type} has no cluster head, so its probes score "
+                          f"no clusters: pass one of {', '.join(scores)}")

@@ -13,10 +13,22 @@ falling back, plus our own (``mpp``, ``level0_mpp``, ``read_level``, ``read_size
 CLAM's ``patch_level`` only where its ``patch_size`` means the same field of view (patches
 read at their own size). No attribute is ever NaN: readers compare and divide by them.
 :func:`read_coords` reads any of the three layouts.
+
+Where each tool looks for these files (``--layout`` of ``python -m clusiam.tile`` and
+``mil.compute_feats`` links ours there, see :data:`LAYOUTS`):
+
+- CLAM: ``DIR/patches/<slide>.h5`` (``create_patches_fp.py`` writes it, ``extract_features_fp.py
+  --data_h5_dir DIR`` reads it), features in ``FEATS/h5_files/<slide>.h5`` and
+  ``FEATS/pt_files/<slide>.pt`` (``Generic_MIL_Dataset(data_dir=FEATS)`` reads them);
+- TRIDENT: ``JOB/<mag>x_<size>px_<overlap>px_overlap/patches/<slide>_patches.h5`` and
+  ``.../features_<encoder>/<slide>.h5`` (``Processor.run_patch_feature_extraction_job`` and
+  ``run_slide_feature_extraction_job``, ``job_dir=JOB``, ``coords_dir`` the folder: :func:`trident_folder`).
 """
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,12 +36,16 @@ import h5py
 import numpy as np
 
 from clusiam.errors import DataError
+from clusiam.files import write_atomically
 from clusiam.slides import PatchReader
 from clusiam.storage import readable
 
 # A tiling job (python -m clusiam.tile --out JOB): which slide file each coordinate file was
 # made from, and the folder of the coordinate files (JOB/coords/<slide>.h5).
 JOB_FILE, COORDS = "job.json", "coords"
+# The folder layouts a command can write (--layout): ours always; TRIDENT's and CLAM's are links to
+# our files (and CLAM's <slide>.pt tensors, which are files of their own).
+LAYOUTS = ("clusiam", "trident", "clam")
 
 
 def coordinate_attributes(*, name: str, reader: PatchReader, downsample: float, width: int, height: int,
@@ -62,7 +78,43 @@ def coordinate_attributes(*, name: str, reader: PatchReader, downsample: float, 
     return attributes
 
 
-def _number(attributes: h5py.AttributeManager, key: str) -> float | None:
+def trident_folder(attributes: Mapping) -> str | None:
+    """TRIDENT's folder of one patching, named as its ``run_batch_of_slides.py`` names it
+    (``f"{float(mag):g}x_{patch_size}px_{overlap}px_overlap"``), from a coordinate file's
+    attributes. The magnification is 10 / ``mpp`` where the tiler recorded it (the job's
+    ``--mpp``: every slide of a 0.5 um/px job goes into 20x, whatever its objective power makes
+    its ``target_magnification``), else TRIDENT's own ``target_magnification``; None where the
+    file records neither (CLAM's)."""
+    size, mpp, target = (_number(attributes, key) for key in ("patch_size", "mpp", "target_magnification"))
+    magnification = 10 / mpp if mpp else target
+    if size is None or magnification is None:
+        return None
+    return f"{magnification:g}x_{int(size)}px_{int(_number(attributes, 'overlap') or 0)}px_overlap"
+
+
+def trident_folders(root: Path) -> list[Path]:
+    """The folders in ``root`` named as :func:`trident_folder` names them: where an earlier
+    ``--layout trident`` may have linked files, under the name of how they were tiled then."""
+    return [folder for folder in root.glob("*x_*px_*px_overlap") if folder.is_dir()]
+
+
+def write_link(path: Path, target: Path) -> None:
+    """A relative symbolic link at ``path`` to ``target``, put in place atomically: a link, so
+    that another tool's layout costs no space and always leads to the current file (a slide
+    tiled or encoded again is never seen through a stale copy); relative, so that the folder
+    holding both can be moved or copied whole. A file that is not a link is never replaced."""
+    if path.exists() and not path.is_symlink():
+        raise DataError(f"{path} is a file, not a link --layout made: move it out of the way (another tool wrote "
+                        "it there?) and run again, or pass another --out")
+    relative = os.path.relpath(target, path.parent)
+    try:
+        write_atomically(path, lambda temporary: os.symlink(relative, temporary))
+    except OSError as error:  # a file system without symbolic links (FAT, some network shares)
+        raise DataError(f"cannot make the link {path} ({error.strerror}): write --out on a file system that "
+                        "keeps symbolic links, or leave --layout out") from None
+
+
+def _number(attributes: Mapping, key: str) -> float | None:
     """A numeric attribute, or None when it is absent, not a number, NaN or not above 0."""
     value = attributes.get(key)
     try:

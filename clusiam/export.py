@@ -1,8 +1,18 @@
-"""Export a pretrained encoder as the weight file a segmentation stage loads.
+"""Export a pretrained encoder as the weight file a segmentation stage loads, or as a model folder.
 
     python -m clusiam.export runs/mit/last.pth --format lpd --out pretrained/mit_b1.pth [--bgr]
     python -m clusiam.export runs/clusiam/last.pth --format torchvision --out resnet18_clusiam.pth
     python -m clusiam.export runs/vit/last.pth --format timm --out vit_s16_clusiam.pth [--safetensors]
+    python -m clusiam.export runs/clusiam/last.pth --format hub --out clusiam_resnet18/ [--report knn/report.json]
+
+- ``hub``: a folder that loads in one line and that the Hugging Face hub serves unchanged once
+  uploaded: for ResNets and timm backbones ``timm.create_model("local-dir:FOLDER", pretrained=True)``
+  (written by timm's ``save_for_hf``: ``config.json`` with the constructor's arguments and a
+  ``pretrained_cfg`` holding this run's mean/std, input size, interpolation and crop;
+  ``model.safetensors``, also eva's ``checkpoint_path``); for MiT-B1
+  ``transformers.SegformerModel.from_pretrained(FOLDER)`` (the hub's ``nvidia/mit-b1`` layout).
+  Each with a ``README.md`` model card: the method, the data, the training, the initial
+  weights, and the KNN and linear F1 of ``--report``.
 
 - ``lpd``: MiT-B1 as LPD loads ``pretrained/mit_b1.pth``: a flat state dict with exactly
   the 176 keys and shapes of ``assets/lpd_mit_b1_keys.tsv``, in that order (LPD drops
@@ -30,13 +40,23 @@ from clusiam.backbones import backbone_family, build_timm
 from clusiam.checkpoint import load_pretrained
 from clusiam.errors import ExportError, run_command
 from clusiam.files import check_output_folder, file_digest, write_atomically
-from clusiam.mit import MixVisionTransformer
+from clusiam.mit import SEGFORMER_CONFIG, MixVisionTransformer, segformer_state
 
 LPD_KEYS_FILE = Path(__file__).parent / "assets" / "lpd_mit_b1_keys.tsv"
 FAMILY_OF_FORMAT = {"lpd": "mit", "torchvision": "torchvision", "timm": "timm"}
 BACKBONES_OF_FORMAT = {"lpd": "mit_b1", "torchvision": "resnet18 or resnet50", "timm": "a timm model"}
+FORMATS = (*FAMILY_OF_FORMAT, "hub")
 SETTINGS = ("model_type", "backbone", "feat_size", "num_clusters", "alpha", "epochs", "batch_size", "lr",
             "weight_decay", "fix_pred_lr", "image_size", "augment", "seed")
+# What a hub folder's preprocessing says: evaluate_knn.py and compute_feats resize bilinearly (--resize) and
+# never crop, so a tool that follows the folder's transforms feeds the encoder what its evaluation fed it.
+INTERPOLATION, CROP_PCT = "bilinear", 1.0
+# pretrained_cfg fields that describe where the built network's default weights came from (ImageNet for
+# timm's resnet18): none of them is true of these weights.
+BORROWED_DESCRIPTION = ("tag", "license", "description", "origin_url", "paper_name", "paper_ids", "notes",
+                        "hf_hub_id", "hf_hub_filename", "url", "file", "source", "label_names", "label_descriptions")
+METHOD_NAMES = {"clusiam": "CluSiam", "clubyol": "CluBYOL", "simsiam": "SimSiam", "byol": "BYOL"}
+PAPER = 'Wu et al., "Improving Representation Learning for Histopathologic Images with Cluster Constraints", ICCV 2023'
 
 
 
@@ -101,13 +121,18 @@ def metadata(state: dict, fmt: str, bgr: bool, checkpoint: Path) -> dict:
     }
 
 
-def export(checkpoint: Path, fmt: str, out: Path, bgr: bool = False, safetensors: bool = False) -> Path:
-    """Write the export and its JSON; return the weight file's path."""
+def export(checkpoint: Path, fmt: str, out: Path, bgr: bool = False, safetensors: bool = False,
+           report: Path | None = None) -> Path:
+    """Write the export (a weight file and its JSON, or a hub folder); return its path."""
     if bgr and fmt != "lpd":
         raise ExportError("--bgr applies to --format lpd (LPD reads images with OpenCV)")
-    if safetensors and fmt == "lpd":
-        raise ExportError("--safetensors cannot go with --format lpd: "
-                          "LPD reads ./pretrained/mit_b1.pth with torch.load")
+    if safetensors and fmt in ("lpd", "hub"):
+        raise ExportError(f"--safetensors cannot go with --format {fmt}: " + (
+            "LPD reads ./pretrained/mit_b1.pth with torch.load" if fmt == "lpd" else "a hub folder is safetensors"))
+    if report is not None and fmt != "hub":
+        raise ExportError("--report goes with --format hub (its model card quotes the scores)")
+    if fmt == "hub":
+        return export_hub(checkpoint, out, report)
     if out.suffix == ".json":
         raise ExportError(f"--out {out}: the weights need their own name; the JSON is written beside them")
     if safetensors:
@@ -118,7 +143,7 @@ def export(checkpoint: Path, fmt: str, out: Path, bgr: bool = False, safetensors
     family = backbone_family(backbone)
     if family != FAMILY_OF_FORMAT[fmt]:
         raise ExportError(f"{checkpoint} was pretrained with the {backbone} backbone; --format {fmt} needs "
-                          f"{BACKBONES_OF_FORMAT[fmt]}")
+                          f"{BACKBONES_OF_FORMAT[fmt]} (--format hub takes any backbone)")
     weights = export_state(model.backbone, fmt, bgr)
     check_state(weights, fmt, backbone)
     info = metadata(state, fmt, bgr, Path(checkpoint))  # before any write: a failure leaves nothing
@@ -132,6 +157,159 @@ def export(checkpoint: Path, fmt: str, out: Path, bgr: bool = False, safetensors
     print(f"wrote {out} ({len(weights)} tensors, {sum(t.numel() for t in weights.values()):,} values) "
           f"and {out.with_suffix('.json')}")
     return out
+
+
+# --- hub folders ----------------------------------------------------------------------------
+
+def export_hub(checkpoint: Path, out: Path, report: Path | None) -> Path:
+    """The folder, written under a temporary name and renamed into place whole."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"--out {out} already exists{' and is not empty' if out.is_dir() else ''}: a hub folder "
+                          "is written whole into a new or empty folder; pass another --out or remove it")
+    check_output_folder(out.parent, "--out's folder")
+    model, state = load_pretrained(checkpoint)
+    scores = report_scores(report, checkpoint) if report is not None else None
+    mit = backbone_family(state["config"]["backbone"]) == "mit"
+    network = model.backbone if mit else timm_network(model.backbone, state["config"]["backbone"])
+    card = model_card(state, checkpoint, scores, network.num_features, "transformers" if mit else "timm")
+    write = write_segformer_folder if mit else write_timm_folder
+    write_atomically(out, lambda folder: write(network, state, folder, card))
+    print(f"wrote {out}: " + ("transformers.SegformerModel.from_pretrained(FOLDER)" if mit else
+                              f'timm.create_model("local-dir:{out}", pretrained=True)') + " loads it")
+    return out
+
+
+def timm_network(encoder: nn.Module, backbone: str) -> nn.Module:
+    """The encoder as a timm model: itself for a timm backbone; for a torchvision ResNet, timm's
+    model of that name, whose parameter names and computation are torchvision's."""
+    if backbone_family(backbone) == "timm":
+        return encoder
+    import timm
+
+    network = timm.create_model(backbone, pretrained=False, num_classes=0)
+    network.load_state_dict(encoder.state_dict(), strict=True)
+    return network
+
+
+def write_timm_folder(network: nn.Module, state: dict, folder: Path, card: str) -> None:
+    """timm's own writer, with this run's preprocessing and none of the built network's borrowed description."""
+    from timm.models import save_for_hf
+
+    network.pretrained_cfg = {key: value for key, value in network.pretrained_cfg.items()
+                              if key not in BORROWED_DESCRIPTION}
+    network.pretrained_cfg.update(description=card_title(state), paper_name=PAPER)
+    save_for_hf(network, str(folder), safe_serialization=True, data_config=data_config(state))
+    (folder / "README.md").write_text(card)
+
+
+def write_segformer_folder(encoder: nn.Module, state: dict, folder: Path, card: str) -> None:
+    """MiT-B1 as a transformers SegformerModel folder (config, weights, image processor, card)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    save_file(segformer_state(encoder.state_dict()), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(SEGFORMER_CONFIG, indent=2))
+    size = state["config"]["image_size"]
+    processor = {"image_processor_type": "SegformerImageProcessor", "do_resize": True,
+                 "size": {"height": size, "width": size}, "resample": 2,  # PIL's bilinear
+                 "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+                 "image_mean": state["normalization"]["mean"], "image_std": state["normalization"]["std"],
+                 "do_reduce_labels": False}
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
+    (folder / "README.md").write_text(card)
+
+
+def data_config(state: dict) -> dict:
+    """The preprocessing the encoder was trained and evaluated with, in timm's terms."""
+    size = state["config"]["image_size"]
+    return {"mean": tuple(state["normalization"]["mean"]), "std": tuple(state["normalization"]["std"]),
+            "input_size": (3, size, size), "interpolation": INTERPOLATION, "crop_pct": CROP_PCT}
+
+
+def report_scores(report: Path, checkpoint: Path) -> list[dict]:
+    """The rows of an evaluate_knn.py report.json that scored this very checkpoint (by SHA-256)."""
+    try:
+        rows = json.loads(report.read_text())["rows"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ExportError(f"--report {report} is not an evaluate_knn.py report.json ({type(error).__name__}): "
+                          "pass the report.json in evaluate_knn.py's --out folder") from None
+    digest = file_digest(checkpoint)
+    mine = [row for row in rows if row.get("checkpoint_sha256") == digest]
+    if not mine:
+        raise ExportError(f"--report {report} holds no row for {checkpoint} (none with its SHA-256): pass the report "
+                          "of an evaluate_knn.py run that was given this checkpoint")
+    return mine
+
+
+def card_title(state: dict) -> str:
+    config = state["config"]
+    return f"{METHOD_NAMES[config['model_type']]}-pretrained {config['backbone']} for histopathology (clusiam)"
+
+
+def model_card(state: dict, checkpoint: Path, scores: list[dict] | None, num_features: int, library: str) -> str:
+    """The folder's README.md: what the encoder is, what it saw, how it trained, how it scores, how to load it."""
+    tags = ["image-feature-extraction", "histopathology", "self-supervised", "clusiam", library]
+    front = ["---", f"library_name: {library}", "pipeline_tag: image-feature-extraction", "tags:",
+             *[f"- {tag}" for tag in tags], "---"]
+    method = METHOD_NAMES[state["config"]["model_type"]]
+    return "\n".join([*front, f"# {card_title(state)}", "", f"An encoder pretrained with {method} ({PAPER}).", "",
+                      "## Model details", "", *card_details(state, checkpoint), *card_scores(scores or []),
+                      "", "## Usage", "", *card_usage(state, num_features, library), ""])
+
+
+def normalization(state: dict) -> tuple[list[float], list[float]]:
+    """The checkpoint's mean and std, to 4 decimals (as a card shows them)."""
+    return tuple([round(value, 4) for value in state["normalization"][key]] for key in ("mean", "std"))
+
+
+def card_details(state: dict, checkpoint: Path) -> list[str]:
+    config, ledger, init = state["config"], state.get("pretraining_slides") or {}, state.get("init")
+    data = config.get("data_dir") or config.get("coords") or "the built-in demo set"
+    slides = f"{len(ledger['names']):,} slides" if "names" in ledger else "slides not recorded"
+    patches = f"{ledger['patches']:,} patches" if "patches" in ledger else "patches not counted"
+    mpp = f"{config['patch_mpp']} um/px" if config.get("patch_mpp") else "not recorded (pretrain.py --patch_mpp)"
+    clustered = config["model_type"].startswith("clu")
+    clusters = f", {config['num_clusters']} clusters, alpha {config['alpha']}" if clustered else ""
+    mean, std = normalization(state)
+    return [f"- **Method:** {config['model_type']}{clusters}",
+            f"- **Backbone:** {config['backbone']}",
+            f"- **Data:** {data}: {slides}, {patches}; {config['image_size']} px views; patch scale {mpp}",
+            f"- **Training:** {state['epoch']} of {config['epochs']} epochs, global batch {config['batch_size']}, "
+            f"lr {config['lr']}, {config.get('world_size', 1)} process(es), seed {config['seed']}",
+            "- **Initial weights:** " + (f"{init['source']} (SHA-256 {init['sha256']})" if init else "random"),
+            f"- **Normalisation:** mean {mean}, std {std} (pixel values / 255)",
+            f"- **Source checkpoint:** {Path(checkpoint).name} (SHA-256 {file_digest(Path(checkpoint))})"]
+
+
+def card_scores(scores: list[dict]) -> list[str]:
+    """The report's rows for this checkpoint, and its ledger line."""
+    if not scores:
+        return []
+    lines = ["", "## Evaluation (evaluate_knn.py)", "", "| classifier | F1 | macro F1 | test patches (slides) |",
+             "|---|---|---|---|"]
+    for row in scores:
+        classifier = f"knn, k = {row['k']}" if row["classifier"] == "knn" else "linear"
+        f1 = "-" if row["f1"] is None else format(row["f1"], ".4f")
+        lines.append(f"| {classifier} | {f1} | {row['macro_f1']:.4f} | {row['test_patches']} ({row['test_slides']}) |")
+    seen = scores[0].get("test_slides_seen_in_pretraining", {}).get("text")
+    return lines + (["", f"Test slides seen in pretraining: {seen}."] if seen else [])
+
+
+def card_usage(state: dict, num_features: int, library: str) -> list[str]:
+    """Loading the folder; for timm folders eva's variables too (its configs assume other features and means)."""
+    if library == "transformers":
+        return ["```python", "from transformers import SegformerModel",
+                'model = SegformerModel.from_pretrained("PATH").eval()',
+                "stages = model(pixel_values, output_hidden_states=True).hidden_states  # 4 feature maps", "```"]
+    config, (mean, std) = state["config"], normalization(state)
+    return ["```python", "import timm",
+            'model = timm.create_model("local-dir:PATH", pretrained=True).eval()  # or hf-hub:ORG/NAME',
+            "transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model))",
+            "features = model(transform(pil_image).unsqueeze(0))  # [1, num_features]", "```", "",
+            "In eva (kaiko-eva), with any of its configs:", "", "```bash",
+            f"MODEL_NAME=timm/{config['backbone']} MODEL_EXTRA_KWARGS='{{checkpoint_path: PATH/model.safetensors}}' "
+            f"IN_FEATURES={num_features} NORMALIZE_MEAN='{mean}' NORMALIZE_STD='{std}' "
+            f"RESIZE_DIM={config['image_size']} eva predict_fit --config CONFIG", "```"]
 
 
 def check_export_path(out: Path) -> None:
@@ -156,16 +334,20 @@ def save_through_python(weights: dict[str, torch.Tensor], path: Path) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m clusiam.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", type=Path)
-    parser.add_argument("--format", dest="fmt", required=True, choices=list(FAMILY_OF_FORMAT))
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--format", dest="fmt", required=True, choices=FORMATS,
+                        help="lpd, torchvision, timm: a weight file and its JSON; hub: a model folder")
+    parser.add_argument("--out", type=Path, required=True, help="the weight file, or the hub folder (new or empty)")
     parser.add_argument("--bgr", action="store_true", help="for BGR input (LPD reads with OpenCV)")
     parser.add_argument("--safetensors", action="store_true", help="write .safetensors instead of a torch pickle")
+    parser.add_argument("--report", type=Path, default=None,
+                        help="with --format hub: an evaluate_knn.py report.json whose rows for this checkpoint the "
+                             "model card quotes")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_command(lambda: export(args.checkpoint, args.fmt, args.out, args.bgr, args.safetensors))
+    return run_command(lambda: export(args.checkpoint, args.fmt, args.out, args.bgr, args.safetensors, args.report))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -139,7 +140,8 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], object]) -
     or an error never leaves a half-written file under the final name, nor the temporary
     behind. The temporary's name is unique to this write (two processes writing one file
     never rename each other's) and keeps the suffix (``last.tmp.<unique>.pth``), for writers
-    that add or check one."""
+    that add or check one. ``write`` may make a folder there instead (a hub export), which
+    then replaces an empty folder ``path``."""
     path = Path(path)
     make_folder(path.parent, "output folder")
     temporary = path.with_name(f"{path.stem}.tmp.{os.getpid()}-{secrets.token_hex(4)}{path.suffix}")
@@ -148,7 +150,10 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], object]) -
             write(temporary)
             os.replace(temporary, path)
     finally:
-        temporary.unlink(missing_ok=True)
+        if temporary.is_dir() and not temporary.is_symlink():
+            shutil.rmtree(temporary, ignore_errors=True)
+        else:
+            temporary.unlink(missing_ok=True)
 
 
 # write_atomically's temporaries: <stem>.tmp.<pid>-<8 hex>[<suffix>]

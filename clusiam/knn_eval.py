@@ -41,6 +41,7 @@ from clusiam.features import (
     feature_extractor,
 )
 from clusiam.files import check_output_folder, file_digest, make_folder
+from clusiam.initial_weights import read_initial_weights, start_from
 from clusiam.knn import BACKENDS, choose_backend, knn_predictions
 from clusiam.ledger import SEEN_LABEL, SeenInPretraining, pretraining_slides
 from clusiam.linear_probe import SOLVERS, train_linear_probe
@@ -71,6 +72,7 @@ class Encoder:
     std: list[float]
     identity: str  # what makes its features unique, for the cache
     checkpoint: str | None = None  # None: a baseline
+    sha256: str | None = None  # the checkpoint file's (an export's model card finds its rows by it)
     pretrained_on: list[str] | None = None  # the checkpoint's ledger; None when it has none
     clusters: nn.Module | None = None  # features -> cluster logits, for a clustered checkpoint
     epochs: int | None = None  # the checkpoint's pretraining epochs
@@ -122,19 +124,20 @@ def row_name(path: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(Path(path).with_suffix(""))).strip("_")
 
 
-def checkpoint_encoders(paths: Sequence[str], feature: str) -> tuple[list[Encoder], dict]:
-    """One encoder per checkpoint, and the first checkpoint (the baselines copy its setup)."""
+def checkpoint_encoders(paths: Sequence[str], feature: str) -> tuple[list[Encoder], list[dict]]:
+    """One encoder per checkpoint, and the checkpoints (the baselines copy the first's setup)."""
     encoders, states = [], []
     for path in paths:
         model, state = load_pretrained(path)
         states.append(state)
+        digest = file_digest(Path(path))
         encoders.append(Encoder(
             name=row_name(path), feature=feature, module=feature_extractor(model, feature),
             mean=state["normalization"]["mean"], std=state["normalization"]["std"],
-            identity=f"checkpoint {file_digest(Path(path))} {feature}", checkpoint=str(path),
+            identity=f"checkpoint {digest} {feature}", checkpoint=str(path), sha256=digest,
             pretrained_on=pretraining_slides(state), clusters=cluster_head(model, feature), epochs=state["epoch"],
         ))
-    return encoders, states[0]
+    return encoders, states
 
 
 def baseline_encoders(reference: dict) -> list[Encoder]:
@@ -151,6 +154,33 @@ def baseline_encoders(reference: dict) -> list[Encoder]:
                 PixelFeatures(PIXEL_BASELINE_SIZE), normalization["mean"], normalization["std"],
                 f"pixels {PIXEL_BASELINE_SIZE}"),
     ]
+
+
+def initial_weight_encoders(states: Sequence[dict], warnings: list[str]) -> list[Encoder]:
+    """A baseline row per distinct --init the checkpoints started from: those weights before any
+    pretraining, with the checkpoint's normalisation, so that a report shows what pretraining added.
+    Weights that moved or changed since are left out, and the report says so in ``warnings``."""
+    encoders, done = [], set()
+    for state in states:
+        init, config = state.get("init"), state["config"]
+        if init is None or init["sha256"] in done:
+            continue
+        done.add(init["sha256"])
+        try:
+            initial = read_initial_weights(init["source"], config["backbone"])
+        except ConfigError as error:
+            warnings.append(f"no row for the initial weights {init['source']}: {error}")
+            continue
+        if initial.sha256 != init["sha256"]:
+            warnings.append(f"no row for the initial weights {init['source']}: the file changed since pretraining "
+                            f"(SHA-256 {initial.sha256[:12]}..., pretrained from {init['sha256'][:12]}...)")
+            continue
+        model = PretrainModel(config["model_type"], config["backbone"], config["feat_size"], config["num_clusters"])
+        start_from([model.backbone], initial)
+        mean, std = state["normalization"]["mean"], state["normalization"]["std"]
+        encoders.append(Encoder(f"init_{row_name(Path(init['source']).name)}", "backbone", model.backbone, mean, std,
+                                f"init {init['sha256']} {config['backbone']}"))
+    return encoders
 
 
 def split_summary(patches: LabelledPatches) -> dict:
@@ -207,12 +237,13 @@ def training_set_warnings(labels: Sequence[str], classes: Sequence[str]) -> list
             f"never predicts {'it' if len(absent) == 1 else 'them'}; add such patches to the training set"]
 
 
-def all_encoders(args: argparse.Namespace) -> list[Encoder]:
-    """One encoder per checkpoint and, unless ``--no_baselines``, the two baselines; each
-    needs a report name (and folder) of its own."""
-    encoders, reference = checkpoint_encoders(args.checkpoint, args.feature)
+def all_encoders(args: argparse.Namespace, warnings: list[str]) -> list[Encoder]:
+    """One encoder per checkpoint and, unless ``--no_baselines``, the baselines (random init,
+    raw pixels, the --init weights the checkpoints started from); each needs a report name
+    (and folder) of its own."""
+    encoders, states = checkpoint_encoders(args.checkpoint, args.feature)
     if args.baselines:
-        encoders += baseline_encoders(reference)
+        encoders += baseline_encoders(states[0]) + initial_weight_encoders(states, warnings)
     names = [encoder.name for encoder in encoders]
     if len(set(names)) < len(names):
         repeated = sorted({name for name in names if names.count(name) > 1})
@@ -269,7 +300,8 @@ def score_row(encoder: Encoder, splits: Splits, predicted: Sequence[str], classi
               seconds: float) -> dict:
     """One report row: the encoder, the classifier, its scores on the test split."""
     metrics = classification_metrics(splits.test.labels, predicted, splits.classes, splits.positive)
-    return {"encoder": encoder.name, "checkpoint": encoder.checkpoint, "feature": encoder.feature, **classifier,
+    return {"encoder": encoder.name, "checkpoint": encoder.checkpoint, "checkpoint_sha256": encoder.sha256,
+            "feature": encoder.feature, **classifier,
             **metrics, **splits.counts(), "backend": backend, "classifier_seconds": seconds}
 
 
@@ -357,7 +389,7 @@ def evaluate_on(device: torch.device, args: argparse.Namespace) -> dict | None:
     backend = choose_backend(args.backend, max(args.k))
     print_rank_zero(f"KNN on {backend}; features on {device}; {len(splits.train)} train / "
                     f"{len(splits.test)} test patches; classes {splits.classes}, positive {splits.positive}")
-    encoders = all_encoders(args)
+    encoders = all_encoders(args, splits.warnings)
     seen = seen_in_pretraining(encoders, splits.test.slides, args.refuse_seen)
     cache_dir = Path(args.cache_dir) if args.cache_dir else out / "cache"
     options = {"batch_size": args.batch_size, "num_workers": args.num_workers, "resize": args.resize}

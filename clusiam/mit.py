@@ -143,3 +143,69 @@ def init_like_reference(model: nn.Module) -> None:
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+
+
+# --- the same weights as a Hugging Face SegformerModel ------------------------------------------------
+
+# A block's parameters as transformers' SegformerModel names them on the hub (``nvidia/mit-b1``: transformers 4
+# reads these names as they are, transformers 5 renames them when it loads). ``attn.kv`` is split into key
+# and value first (:func:`segformer_state`).
+SEGFORMER_BLOCK_NAMES = {
+    "norm1": "layer_norm_1", "norm2": "layer_norm_2", "attn.q": "attention.self.query", "attn.k": "attention.self.key",
+    "attn.v": "attention.self.value", "attn.sr": "attention.self.sr", "attn.norm": "attention.self.layer_norm",
+    "attn.proj": "attention.output.dense", "mlp.fc1": "mlp.dense1", "mlp.dwconv": "mlp.dwconv", "mlp.fc2": "mlp.dense2",
+}
+# transformers' SegformerConfig for MiT-B1, as the hub's nvidia/mit-b1 holds it. Its LayerNorms all use
+# PyTorch's eps 1e-5 (the reference's blocks use 1e-6): features differ by about 1e-5 relative.
+SEGFORMER_CONFIG = {
+    "model_type": "segformer", "architectures": ["SegformerModel"], "num_channels": 3, "num_encoder_blocks": 4,
+    "depths": list(MIT_B1["depths"]), "sr_ratios": list(MIT_B1["sr_ratios"]),
+    "hidden_sizes": list(MIT_B1["embed_dims"]),
+    "patch_sizes": [7, 3, 3, 3], "strides": [4, 2, 2, 2], "num_attention_heads": list(MIT_B1["num_heads"]),
+    "mlp_ratios": [MIT_B1["mlp_ratio"]] * 4, "hidden_act": "gelu", "hidden_dropout_prob": 0.0,
+    "attention_probs_dropout_prob": 0.0, "classifier_dropout_prob": 0.1, "initializer_range": 0.02,
+    "drop_path_rate": 0.1, "layer_norm_eps": 1e-6, "decoder_hidden_size": 256, "semantic_loss_ignore_index": 255,
+    "reshape_last_stage": True,
+}
+
+
+def segformer_name(key: str) -> str:
+    """``block2.1.attn.q.weight`` -> ``encoder.block.1.1.attention.self.query.weight``."""
+    part, rest = key.split(".", 1)
+    stage = int(part[-1]) - 1
+    if part.startswith("patch_embed"):
+        return f"encoder.patch_embeddings.{stage}.{rest.replace('norm.', 'layer_norm.')}"
+    if part.startswith("norm"):
+        return f"encoder.layer_norm.{stage}.{rest}"
+    index, inner = rest.split(".", 1)
+    module = next(name for name in SEGFORMER_BLOCK_NAMES if inner.startswith(name + "."))
+    return f"encoder.block.{stage}.{index}.{SEGFORMER_BLOCK_NAMES[module]}{inner[len(module):]}"
+
+
+def split_keys_values(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Our state dict with each ``attn.kv`` split into ``attn.k`` and ``attn.v`` (kv holds keys first)."""
+    split = {}
+    for key, value in state.items():
+        if ".attn.kv." in key:
+            split[key.replace(".attn.kv.", ".attn.k.")], split[key.replace(".attn.kv.", ".attn.v.")] = value.chunk(2)
+        else:
+            split[key] = value
+    return split
+
+
+def segformer_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Our (LPD's) MiT state dict under SegformerModel's names."""
+    return {segformer_name(key): value.contiguous() for key, value in split_keys_values(state).items()}
+
+
+def from_segformer_state(hub: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The inverse of :func:`segformer_state`: a SegformerModel's weights (hub names, an optional
+    ``segformer.`` prefix) under our names; names it does not know are kept, for the caller to refuse."""
+    ours = {segformer_name(key): key for key in split_keys_values(MixVisionTransformer().state_dict())}
+    state = {ours.get(key, key): value for key, value in
+             ((key.removeprefix("segformer."), value) for key, value in hub.items())}
+    for key in [k for k in state if ".attn.k." in k]:
+        value_key = key.replace(".attn.k.", ".attn.v.")
+        if value_key in state:
+            state[key.replace(".attn.k.", ".attn.kv.")] = torch.cat([state.pop(key), state.pop(value_key)])
+    return state

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from clusiam.best import PROBE_KS, PURITY_TOP, score_names
 from clusiam.distributed import barrier, is_main, main_computes, share_main_buffers
 from clusiam.errors import DataError, UserError
 from clusiam.features import assign_clusters, cluster_head, encode_shared
@@ -38,8 +39,6 @@ from clusiam.sources import FolderSource, seeded_sample
 from clusiam.splits import LabelledPatches, read_labelled_patches, split_by_slide, table_rows
 from clusiam.tables import write_csv
 
-PROBE_KS = (1, 20)  # top-1, the paper's score, and a vote of 20, the usual k of the frameworks' monitors
-PURITY_TOP = 5
 FOLDER = "probe"  # in SAVE_PATH: the probe's two tables
 SPLIT_SEED = 0
 
@@ -131,11 +130,9 @@ class Probe:
     def row(self, values: dict[str, float | None] | None) -> dict[str, float | str]:
         """The probe's ``epochs.csv`` cells: its scores, or empty cells in an epoch it did not
         run (and for a score left undefined), so every row has the same columns."""
-        names = [*(f"knn_f1_k{k}" for k in PROBE_KS), "linear_f1"]
-        if self.clustered:
-            names += ["cluster_nmi", f"cluster_purity_top{PURITY_TOP}"]
         values = values or {}
-        return {f"probe_{name}": "" if values.get(name) is None else values[name] for name in [*names, "seconds"]}
+        return {f"probe_{name}": "" if values.get(name) is None else values[name]
+                for name in [*score_names(self.clustered), "seconds"]}
 
     @staticmethod
     def summary(values: dict[str, float | None], epoch_seconds: float) -> str:

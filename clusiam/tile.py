@@ -11,6 +11,9 @@ they mean the same patch, CLAM's readers expect), ``thumbnails/<slide>.png``, ``
 ``job.json`` (which slide file each coordinate file was made from). A slide is tiled in
 ``JOB/.unfinished/`` and its files move into place only once it is complete, its
 coordinate file last, so a slide that fails leaves nothing a reader would pick up.
+``--layout trident`` / ``clam`` also links each coordinate file where TRIDENT's processor
+(``JOB/<mag>x_<size>px_<overlap>px_overlap/patches/<slide>_patches.h5``) or CLAM's feature
+extractor (``JOB/patches/<slide>.h5``) looks for it.
 """
 from __future__ import annotations
 
@@ -37,7 +40,16 @@ from skimage.filters import threshold_otsu
 from skimage.morphology import remove_small_holes, remove_small_objects
 from tqdm import tqdm
 
-from clusiam.coords import COORDS, JOB_FILE, coordinate_attributes
+from clusiam.coords import (
+    COORDS,
+    JOB_FILE,
+    LAYOUTS,
+    coordinate_attributes,
+    read_attributes,
+    trident_folder,
+    trident_folders,
+    write_link,
+)
 from clusiam.errors import ConfigError, DataError, run_command
 from clusiam.files import check_output_folder, find_files, make_folder, write_atomically
 from clusiam.slides import SLIDE_EXTENSIONS, PatchReader, level0_mpp, open_slide, slide_property
@@ -235,10 +247,11 @@ def annotation_file(directory: Path | None, slide: str) -> Path | None:
     return None
 
 
-def tile_slide(path: Path, job: Path, slide_class: str | None, options: TilingOptions) -> dict:
+def tile_slide(path: Path, job: Path, slide_class: str | None, options: TilingOptions,
+               layouts: Sequence[str]) -> dict:
     """Tile one slide into a staging folder and move it into place only when complete, so a
-    slide that fails half-way leaves nothing for pretraining or a reader to pick up; return
-    its summary row (and its patch label rows)."""
+    slide that fails half-way leaves nothing for pretraining or a reader to pick up; link it
+    into the other tools' ``layouts``; return its summary row (and its patch label rows)."""
     relative = Path(PATCHES, slide_class or "", path.stem)
     staging = job / STAGING / path.stem
     shutil.rmtree(staging, ignore_errors=True)  # left by a run that was killed
@@ -248,7 +261,38 @@ def tile_slide(path: Path, job: Path, slide_class: str | None, options: TilingOp
     except Exception:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    row["warnings"] += link_layouts(job, path.stem, layouts)
     return row
+
+
+def link_layouts(job: Path, name: str, layouts: Sequence[str]) -> list[str]:
+    """Link the slide's coordinate file where TRIDENT's processor and CLAM's feature extractor
+    look for it (see :mod:`clusiam.coords`). CLAM's reads ``patch_size`` pixels at
+    ``patch_level``, which a file has only where the slide has a level at ``--mpp``
+    (:func:`clusiam.coords.coordinate_attributes`): a slide without one is not linked for it,
+    and the warning returned says so."""
+    coords = job / COORDS / f"{name}.h5"
+    attributes = read_attributes(coords)
+    if "trident" in layouts:
+        write_link(job / trident_folder(attributes) / PATCHES / f"{name}_patches.h5", coords)
+    if "clam" not in layouts:
+        return []
+    if "patch_level" in attributes:
+        write_link(job / PATCHES / f"{name}.h5", coords)
+        return []
+    return [f"{name}: not linked as {PATCHES}/{name}.h5 for CLAM, whose extractor reads patch_size pixels at "
+            "patch_level: the slide has no pyramid level at --mpp, so that would be another field of view (read its "
+            "coordinates with TRIDENT, --layout trident, or with clusiam)"]
+
+
+def unlink_layouts(job: Path, name: str) -> None:
+    """Remove the links an earlier ``--layout`` made to the slide's coordinate file, which is
+    about to be replaced or withdrawn: a TRIDENT folder is named by how the slide was tiled
+    then, and CLAM's link holds only where the new tiling has a ``patch_level``."""
+    trident = [folder / PATCHES / f"{name}_patches.h5" for folder in trident_folders(job)]
+    for link in (job / PATCHES / f"{name}.h5", *trident):
+        if link.is_symlink():
+            link.unlink()
 
 
 def publish(staging: Path, job: Path, relative: Path, name: str) -> None:
@@ -256,6 +300,7 @@ def publish(staging: Path, job: Path, relative: Path, name: str) -> None:
     one comes last, so that a coordinate file in the job always belongs to the patches and
     thumbnail beside it; patches of an earlier tiling are replaced rather than mixed with
     these (and removed under --coords_only, which writes none)."""
+    unlink_layouts(job, name)
     (job / COORDS / f"{name}.h5").unlink(missing_ok=True)
     shutil.rmtree(job / relative, ignore_errors=True)
     if (staging / PATCHES).is_dir():
@@ -280,6 +325,7 @@ def withdraw(job: Path, name: str) -> bool:
         paths = []
     for folder in {Path(path).parent for path in paths}:
         shutil.rmtree(job / folder, ignore_errors=True)
+    unlink_layouts(job, name)
     coords.unlink()
     (job / THUMBNAILS / f"{name}.png").unlink(missing_ok=True)
     return True
@@ -471,6 +517,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--classes", type=Path, default=None,
                         help="slides.csv (slide, label): patches go under patches/<label>/<slide>/")
     parser.add_argument("--workers", type=int, default=4, help="slides tiled in parallel")
+    parser.add_argument("--layout", nargs="+", default=["clusiam"], choices=LAYOUTS,
+                        help="also link each coordinate file where TRIDENT (JOB/<mag>x_<size>px_<overlap>px_overlap/"
+                        "patches/<slide>_patches.h5) or CLAM (JOB/patches/<slide>.h5) looks for it")
     for spec in fields(TilingOptions):
         options = dict(spec.metadata["argparse"])
         flag = options.pop("flag", spec.name)
@@ -543,12 +592,13 @@ def report_unannotated(slides: Sequence[Path], folder: Path) -> None:
 
 
 def tile_all(slides: Sequence[Path], job: Path, classes: dict[str, str], options: TilingOptions,
-             workers: int) -> tuple[list[dict], list[tuple[Path, str]]]:
+             workers: int, layouts: Sequence[str]) -> tuple[list[dict], list[tuple[Path, str]]]:
     """Tile the slides ``workers`` at a time; return the summary rows of those tiled and the
     slides that failed, with why (one bad slide must not stop the others)."""
     rows, failed = [], []
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        futures = {pool.submit(tile_slide, path, job, classes.get(path.stem), options): path for path in slides}
+        futures = {pool.submit(tile_slide, path, job, classes.get(path.stem), options, layouts): path
+                   for path in slides}
         for future in tqdm(futures, desc="slides", unit="slide"):
             try:
                 rows.append(future.result())
@@ -638,7 +688,7 @@ def tile(args: argparse.Namespace) -> dict:
         make_folder(job / folder, "--out")
     if options.annotations is not None:
         report_unannotated(slides, options.annotations)
-    rows, failed = tile_all(slides, job, classes, options, args.workers)
+    rows, failed = tile_all(slides, job, classes, options, args.workers, args.layout)
     withdrawn = [path.stem for path, _ in failed if withdraw(job, path.stem)]
     if withdrawn:
         print(f"removed the earlier coordinates, patches and thumbnails of {len(withdrawn)} slide(s) that could not "

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from clusiam.augment import BatchViews, TwoViews, ViewRecipe, paper_augmentation, stack_by_size, stored_patches
+from clusiam.best import BEST_FILE, Best, resumed_best
 from clusiam.checkpoint import ARCHITECTURE_OPTIONS, check_weights, load_checkpoint, save_checkpoint
 from clusiam.config import parse_config
 from clusiam.demo import DemoSpec, prepare_demo
@@ -40,6 +41,7 @@ from clusiam.distributed import barrier, check_replicas_agree, is_main, main_com
 from clusiam.errors import ConfigError, DataError, DiskFullError, run_command
 from clusiam.files import make_folder, remove_left_temporaries
 from clusiam.images import Checked, check_images, find_images, remember_check
+from clusiam.initial_weights import InitialWeights, read_initial_weights, start_from
 from clusiam.ledger import pretraining_slides
 from clusiam.models import PretrainModel
 from clusiam.monitor import CLUSTER_DIAGNOSTICS, collapse_warnings
@@ -56,7 +58,7 @@ if TYPE_CHECKING:
 # Options a resumed run is told about when they differ from the checkpoint's.
 TRAINING_OPTIONS = ("epochs", "batch_size", "lr", "weight_decay", "momentum", "fix_pred_lr", "alpha", "tau", "eps",
                     "target_momentum", "cosine_target_momentum", "image_size", "augment", "vflip", "rotate90",
-                    "hed_jitter", "precision", "seed", "patch_size", "slides_per_batch")
+                    "hed_jitter", "precision", "seed", "patch_size", "slides_per_batch", "init")
 CHECK_CACHE = "checked_files.json"  # in SAVE_PATH: the verdict on the patch files, reused by a restart
 DIAGNOSTIC_NOISE = 2**32  # a seed key no rank number reaches: the diagnostics' own random stream
 
@@ -69,6 +71,7 @@ class Run:
 
     source: PatchSource
     pretrained_on: list[str] | None  # the slides the weights have seen (resumed runs' too); None: not known
+    init: dict | None  # --init: what the backbone started from (InitialWeights.record())
     skipped: SkipLog | None  # with --skip_bad_files: the patches left out, and why
     skipped_reported: int  # how many of them the run has already warned about
     dataset: Dataset  # the source through what the DataLoader workers do to each patch
@@ -87,6 +90,7 @@ class Run:
     device: torch.device
     autocast: bool
     probe: Probe | None = None  # --probe: the labelled patches scored while training
+    best: Best | None = None  # --keep_best: the best probed epoch so far, which best.pth holds
 
 
 def seed_from(*keys: int) -> int:
@@ -240,36 +244,42 @@ def view_pipeline(args: argparse.Namespace, source: PatchSource, mean: Sequence[
     return dataset, stack_by_size, lambda parts: on_device(batch_views(stored_patches(parts, size, device)))
 
 
-def build_model(args: argparse.Namespace, device: torch.device, memory_format: torch.memory_format) -> PretrainModel:
-    """The network, seeded alike on every process, with SyncBatchNorm when several GPU
-    processes train it (BatchNorm statistics over the global batch, as the authors ran it)."""
+def build_model(args: argparse.Namespace, device: torch.device, memory_format: torch.memory_format,
+                initial: InitialWeights | None = None) -> PretrainModel:
+    """The network, seeded alike on every process, its backbone (and the BYOL family's target)
+    started from ``initial`` when given, with SyncBatchNorm when several GPU processes train
+    it (BatchNorm statistics over the global batch, as the authors ran it)."""
     torch.manual_seed(args.seed)
     model = PretrainModel(args.model_type, args.backbone, args.feat_size, args.num_clusters)
+    if initial is not None:
+        start_from([model.backbone, *([model.target_backbone] if model.method.momentum_target else [])], initial)
     if world_size() > 1 and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model.to(device, memory_format=memory_format)
 
 
-def slides_seen(checkpoint: dict | None, source: PatchSource) -> list[str] | None:
-    """The slides the weights will have seen: this run's, and a resumed checkpoint's (which may
-    have trained on other data); None when the checkpoint predates the ledger (not known)."""
-    if checkpoint is None:
-        return source.slides
-    earlier = pretraining_slides(checkpoint)
+def slides_seen(checkpoint: dict | None, source: PatchSource, init: dict | None) -> list[str] | None:
+    """The slides the weights will have seen: this run's, and a resumed checkpoint's or an --init
+    clusiam checkpoint's (which may have trained on other data); None when a checkpoint predates
+    the ledger (not known)."""
+    if checkpoint is not None:
+        earlier = pretraining_slides(checkpoint)
+    else:
+        earlier = init["pretrained_on"] if init is not None and init["pretrained_on"] is not None else []
     return None if earlier is None else sorted({*earlier, *source.slides})
 
 
 def set_up_run(device: torch.device, args: argparse.Namespace, checkpoint: dict | None, source: PatchSource,
-               skipped: SkipLog | None) -> Run:
+               skipped: SkipLog | None, initial: InitialWeights | None = None) -> Run:
     """Normalisation, network and optimizer of a run on ``source``, restored from
-    ``checkpoint`` when it continues one."""
+    ``checkpoint`` when it continues one, or with its backbone started from ``initial`` (--init)."""
     skipped_reported = skipped.count() if skipped is not None and is_main() else 0  # the check's, reported
     mean, std = normalization(args, checkpoint, source, skipped)
     # channels_last and bf16 autocast are what make convolutions fast on tensor cores.
     on_gpu = device.type == "cuda"
     memory_format = torch.channels_last if on_gpu else torch.preserve_format
     torch.backends.cudnn.benchmark = on_gpu
-    model = build_model(args, device, memory_format)
+    model = build_model(args, device, memory_format, initial)
     init_lr = args.lr * args.batch_size / 256
     optimizer = build_optimizer(model, init_lr, args.momentum, args.weight_decay, args.fix_pred_lr)
     start_epoch, step = args.start_epoch, 0
@@ -281,7 +291,8 @@ def set_up_run(device: torch.device, args: argparse.Namespace, checkpoint: dict 
     if world_size() > 1:
         network = DistributedDataParallel(model, device_ids=[device] if on_gpu else None)
     dataset, collate, make_views = view_pipeline(args, source, mean, std, device, memory_format, skipped)
-    return Run(source=source, pretrained_on=slides_seen(checkpoint, source), skipped=skipped,
+    init = checkpoint.get("init") if checkpoint is not None else initial.record() if initial else None
+    return Run(source=source, pretrained_on=slides_seen(checkpoint, source, init), init=init, skipped=skipped,
                skipped_reported=skipped_reported, dataset=dataset, collate=collate, make_views=make_views,
                order=EpochOrder.of_source(source, args.batch_size, args.seed, args.slides_per_batch), model=model,
                network=network, optimizer=optimizer, loss=LossSettings(args.alpha, args.tau, args.eps),
@@ -370,28 +381,43 @@ def train_one_epoch(run: Run, epoch: int, args: argparse.Namespace, log: RunLog)
 
 def finish_epoch(run: Run, epoch: int, record: EpochLog, seconds: float, args: argparse.Namespace,
                  log: RunLog) -> None:
-    """The end of an epoch: replicas checked, its checkpoints, then its CSV row (so the CSV
-    never holds an epoch that was not saved), collapse warnings and patches left out."""
+    """The end of an epoch: replicas checked, its checkpoints (best.pth too where --keep_best
+    finds a new best), then its CSV row (so the CSV never holds an epoch that was not saved),
+    collapse warnings and patches left out."""
     averages = record.averages()
     check_replicas_agree(run.model)
     probed = probe_epoch(run, epoch, args)
     if not is_main():
         return
+    new_best = run.best.update(probed, epoch + 1) if run.best is not None else None  # the row and state record it
     row = {"epoch": epoch + 1, "step": run.step, "lr": record.lr, **averages, "seconds": round(seconds, 2),
            "images_per_s": round(record.steps * args.batch_size / max(seconds, 1e-9), 1),
-           **(run.probe.row(probed) if run.probe else {})}
+           **(run.probe.row(probed) if run.probe else {}), **(run.best.row() if run.best else {})}
     state = {
         "epoch": epoch + 1, "step": run.step, "state_dict": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict(), "config": {**vars(args), "world_size": world_size()},
         "normalization": {"mean": run.mean, "std": run.std}, "log_row": row,
     }
+    if run.init is not None:
+        state["init"] = run.init
+    if run.best is not None:  # the epoch best.pth holds (clusiam.best); plain values
+        state["best"] = run.best.record()
     if run.pretrained_on is not None:  # the leakage ledger (clusiam.checkpoint.SeenInPretraining); plain values
-        state["pretraining_slides"] = {"names": run.pretrained_on, "digest": run.source.identity}
-    save_epoch(state, Path(args.save_path), save_numbered=(epoch + 1) % args.save_freq == 0)
+        state["pretraining_slides"] = {"names": run.pretrained_on, "digest": run.source.identity,
+                                       "patches": len(run.source), "init": ledger_init(run.init)}
+    save_epoch(state, Path(args.save_path), save_numbered=(epoch + 1) % args.save_freq == 0,
+               save_best=new_best is not None)
     log.epoch_row(row)
     if probed is not None:
         log.scalars(probed, run.step, group="probe")
         print(f"probe (epoch {epoch + 1}): {run.probe.summary(probed, seconds)}")
+    if new_best is not None:
+        print(new_best)
+    warn_of_epoch(run, epoch, averages, args)
+
+
+def warn_of_epoch(run: Run, epoch: int, averages: dict[str, float], args: argparse.Namespace) -> None:
+    """The epoch's collapse warnings, and the patches that could not be read since the last warning."""
     for warning in collapse_warnings(averages, args.num_clusters if run.model.method.clustered else None):
         print(f"warning (epoch {epoch + 1}): {warning}")
     if run.skipped is not None and run.skipped.count() > run.skipped_reported:
@@ -399,6 +425,13 @@ def finish_epoch(run: Run, epoch: int, record: EpochLog, seconds: float, args: a
               "could not be read (left out of the statistics, or replaced in their batch by the next readable "
               f"patch); they are listed in {run.skipped.path}, once per process that met them")
         run.skipped_reported = run.skipped.count()
+
+
+def ledger_init(init: dict | None) -> dict | None:
+    """What the ledger says of --init weights: which, and whether the slides they saw are known
+    (an earlier clusiam run's are, and are among the names; ImageNet's or a foundation model's are not)."""
+    return None if init is None else {"source": init["source"], "sha256": init["sha256"],
+                                      "slides_known": init["pretrained_on"] is not None}
 
 
 def probe_epoch(run: Run, epoch: int, args: argparse.Namespace) -> dict[str, float | None] | None:
@@ -417,9 +450,15 @@ def plan_probe(args: argparse.Namespace) -> ProbePlan | None:
     return main_computes(lambda: probe.plan_probe(args))
 
 
-def save_epoch(state: dict, save_path: Path, save_numbered: bool) -> None:
-    """``checkpoint_NNNN.pth`` (every --save_freq epochs), then ``last.pth``. A full disk stops
-    the run with the last good checkpoint intact."""
+def save_epoch(state: dict, save_path: Path, save_numbered: bool, save_best: bool) -> None:
+    """``checkpoint_NNNN.pth`` (every --save_freq epochs), ``last.pth``, then ``best.pth`` when the
+    epoch is the best so far. A full disk stops the run with the last good checkpoint intact.
+
+    best.pth comes after last.pth, which records it: a run stopped between the two (killed, or a
+    full disk) leaves a last.pth that names itself the best beside an older best.pth, and its
+    resume writes best.pth from last.pth (:meth:`clusiam.best.Best.restore`). The other order
+    could leave best.pth ahead of last.pth, put right only where the resumed run trains and
+    probes that epoch again (bit-exact), which it does not with another --epochs or --probe_every."""
     last = save_path / "last.pth"
     try:
         if save_numbered:
@@ -429,6 +468,13 @@ def save_epoch(state: dict, save_path: Path, save_numbered: bool) -> None:
         kept = f"the last good checkpoint {last} is intact" if last.is_file() else "no checkpoint was written"
         raise DiskFullError(f"{error}. Epoch {state['epoch']} was not saved; {kept} (resume with --resume auto "
                             "once there is room)") from None
+    if save_best:
+        try:
+            save_checkpoint(state, save_path / BEST_FILE)
+        except DiskFullError as error:
+            raise DiskFullError(f"{error}. Epoch {state['epoch']} was saved in {last} but not yet as {BEST_FILE}: "
+                                f"resume with --resume auto once there is room (it writes {BEST_FILE} from "
+                                f"{last.name})") from None
 
 
 # --- the whole run ----------------------------------------------------------------------
@@ -449,13 +495,17 @@ def train_on(device: torch.device, args: argparse.Namespace) -> Path:
     if in_use is not None:
         raise ConfigError(in_use)
     resume, checkpoint = checkpoint_to_resume(args, save_path)
+    best = main_computes(lambda: resumed_best(args.keep_best, checkpoint, resume, save_path))
     if checkpoint is not None and checkpoint["epoch"] >= args.epochs:
-        return nothing_to_train(resume, checkpoint, args)
+        return nothing_to_train(resume, checkpoint, best, args)
     on_demo = args.data_dir is None and args.coords is None
     if on_demo:
         check_demo_size(args)
     inputs = None if on_demo else check_batch_size(check_source(args.data_dir, args), args)
     probe_plan = plan_probe(args)
+    initial = read_initial_weights(args.init, args.backbone) if args.init and checkpoint is None else None
+    if initial is not None:
+        print_rank_zero(initial.summary())
     with run_folder(save_path, log_dst):
         refuse_earlier_run(resume, save_path)  # again, now that no other run can write here
         if inputs is None:
@@ -463,9 +513,10 @@ def train_on(device: torch.device, args: argparse.Namespace) -> Path:
             print_rank_zero(f"no DATA_DIR given: training on the built-in demo set in {demo}")
             inputs = check_batch_size(check_source(demo, args), args)
         source, checked = inputs
-        run = set_up_run(device, args, checkpoint, source, record_check(checked, save_path, args))
+        run = set_up_run(device, args, checkpoint, source, record_check(checked, save_path, args), initial)
         if probe_plan is not None:
             run.probe = probe_plan.start(save_path, run.model.method.clustered)
+        run.best = best
         if checkpoint is not None:
             print_rank_zero(f"resumed {resume} at epoch {run.start_epoch}, step {run.step}")
         train_epochs(run, args, RunLog(log_dst), checkpoint)
@@ -481,13 +532,15 @@ def check_batch_size(inputs: tuple[PatchSource, Checked], args: argparse.Namespa
     return inputs
 
 
-def nothing_to_train(resume: Path, checkpoint: dict, args: argparse.Namespace) -> Path:
-    """A checkpoint that already holds the epochs asked for. In its own run folder, the row of
-    its last epoch is written where a kill between the checkpoint and the row lost it, and a
+def nothing_to_train(resume: Path, checkpoint: dict, best: Best | None, args: argparse.Namespace) -> Path:
+    """A checkpoint that already holds the epochs asked for. In its own run folder, best.pth and
+    the row of its last epoch are written where a kill after the checkpoint lost them, and a
     killed run's lock is taken over and released."""
     save_path, log_dst = Path(args.save_path), Path(args.log_dst)
     if resume.resolve() == (save_path / "last.pth").resolve():
         with run_folder(save_path, log_dst):
+            if best is not None:
+                best.restore(checkpoint, save_path)
             RunLog(log_dst).restore_row(checkpoint)
     print_rank_zero(f"{resume} already holds {checkpoint['epoch']} epochs (--epochs {args.epochs}): "
                     "nothing to train; pass a larger --epochs to train on")
@@ -507,7 +560,9 @@ def record_check(checked: Checked, save_path: Path, args: argparse.Namespace) ->
 
 def train_epochs(run: Run, args: argparse.Namespace, log: RunLog, checkpoint: dict | None) -> None:
     """The epochs left to train, each ended by :func:`finish_epoch`."""
-    if checkpoint is not None:
+    if checkpoint is not None:  # what a run killed after its checkpoint did not write: best.pth, the row
+        if run.best is not None:
+            run.best.restore(checkpoint, Path(args.save_path))
         log.restore_row(checkpoint)
     announce(run, args)
     for epoch in range(run.start_epoch, args.epochs):

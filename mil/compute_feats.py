@@ -14,7 +14,10 @@ beside ``paths`` (N,) relative to PATCH_ROOT; and attributes naming the checkpoi
 type, resize and precision. Finished slides are skipped on a rerun that would encode them
 the same way; a bag made differently is encoded again. ``--pt_files`` also writes CLAM's
 ``<out>/pt_files/<slide>.pt`` (a float tensor (N, D)), from the bag, so bags already there
-are not encoded again for it.
+are not encoded again for it. ``--layout clam`` writes them and links each bag as
+``<out>/h5_files/<slide>.h5``: CLAM's ``Generic_MIL_Dataset(data_dir=OUT)`` loads either;
+``--layout trident`` links each bag as ``<out>/<mag>x_<size>px_<overlap>px_overlap/
+features_<encoder>/<slide>.h5``, where TRIDENT's processor (``job_dir=OUT``) finds it.
 
 Under torchrun (``torchrun --nproc_per_node 8 -m mil.compute_feats ...``) each process
 encodes its share of the slides.
@@ -34,7 +37,7 @@ import torch
 from tqdm import tqdm
 
 from clusiam.checkpoint import load_pretrained
-from clusiam.coords import read_attributes
+from clusiam.coords import LAYOUTS, read_attributes, trident_folder, trident_folders, write_link
 from clusiam.distributed import add_dist_timeout, barrier, is_main, main_computes, processes, shard
 from clusiam.errors import CommandParser, ConfigError, DataError, InRange, run_command
 from clusiam.features import FEATURE_TYPES, encode, feature_extractor, precision
@@ -51,6 +54,7 @@ ENCODING_ATTRIBUTES = ("checkpoint_sha256", "feature", "resize", "precision")
 # are read): with the above, what a rerun compares, so that a slide tiled again is encoded again.
 PATCHES_KEY = "patches_key"
 PT_FOLDER = "pt_files"  # CLAM's name for the folder of <slide>.pt feature tensors
+H5_FOLDER = "h5_files"  # and of its <slide>.h5 feature files (features and coords), which --layout clam links
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="bring every patch to N x N pixels first (patches from slides are read so)")
     parser.add_argument("--pt_files", action="store_true",
                         help=f"also write CLAM's OUT/{PT_FOLDER}/<slide>.pt (float tensor N x D)")
+    parser.add_argument("--layout", nargs="+", default=["clusiam"], choices=LAYOUTS,
+                        help=f"also lay the bags out for CLAM (OUT/{PT_FOLDER}/<slide>.pt, OUT/{H5_FOLDER}/<slide>.h5) "
+                        "or TRIDENT (OUT/<mag>x_<size>px_<overlap>px_overlap/features_<encoder>/<slide>.h5)")
     parser.add_argument("--device", default="auto")
     add_slide_options(parser, "instead of --patches: one bag per slide of the coordinate files")
     add_dist_timeout(parser, "the others finishing their slides")
@@ -112,6 +119,54 @@ def slide_inputs(pairs: dict[str, Pair], size: int | None) -> dict[str, SlideInp
     return {name: SlideInput(source, range(start, end), entry.coords, read_attributes(coords), key=entry.key())
             for (name, (_, coords)), entry, start, end in zip(pairs.items(), source.entries, source.offsets,
                                                               source.offsets[1:])}
+
+
+def check_layouts(slides: dict[str, SlideInput], layouts: Sequence[str]) -> None:
+    """Refuse, before any encoding, a layout some bag cannot be given: TRIDENT's and CLAM's
+    feature files hold the patches' coords, and TRIDENT's folder is named by the magnification
+    that a coordinate file records (:func:`clusiam.coords.trident_folder`)."""
+    others = [layout for layout in layouts if layout != "clusiam"]
+    if not others:
+        return
+    for name, slide in slides.items():
+        if slide.coords is None:
+            raise ConfigError(f"--layout {others[0]}: the patch files of slide {name} are not named <x>_<y>.<ext>, so "
+                              "its bag would have no coords, which TRIDENT's and CLAM's feature files hold: read the "
+                              "patches from slides (--job, or --coords with --slides), or leave --layout out")
+        if "trident" in others and trident_folder(slide.coords_attributes) is None:
+            raise ConfigError(f"--layout trident: nothing says at which magnification the patches of slide {name} "
+                              "were cut (patch files, or a coordinate file without mpp or target_magnification, as "
+                              "CLAM writes them), and TRIDENT names its folder by it: read them through coordinate "
+                              "files of python -m clusiam.tile or TRIDENT, or leave --layout trident out")
+
+
+def encoder_name(config: dict, feature: str) -> str:
+    """The ``<encoder>`` of TRIDENT's ``features_<encoder>`` folder: the checkpoint's method and
+    backbone (``clusiam_resnet18``, as TRIDENT names its own, ``uni_v1``), and the feature type
+    where it is not the backbone's, so that two kinds of features never share a folder."""
+    name = f"{config['model_type']}_{config['backbone']}"
+    return name if feature == "backbone" else f"{name}_{feature}"
+
+
+def link_layouts(out: Path, slides: dict[str, SlideInput], layouts: Sequence[str], encoder: str) -> list[Path]:
+    """Link every bag where CLAM's ``Generic_MIL_Dataset`` (``OUT/h5_files``) and TRIDENT's
+    processor (``OUT/<folder>/features_<encoder>``) look for it; return the folders linked
+    into. A slide's link in another TRIDENT folder (its coordinates made at another
+    magnification, size or overlap since) is removed."""
+    folders, earlier = set(), trident_folders(out)
+    for name, slide in slides.items():
+        bag = out / f"{name}.h5"
+        if "clam" in layouts:
+            folders.add(out / H5_FOLDER)
+            write_link(out / H5_FOLDER / f"{name}.h5", bag)
+        if "trident" in layouts:
+            folder = out / trident_folder(slide.coords_attributes) / f"features_{encoder}"
+            for stale in (other / folder.name / f"{name}.h5" for other in earlier if other != folder.parent):
+                if stale.is_symlink():
+                    stale.unlink()
+            folders.add(folder)
+            write_link(folder / f"{name}.h5", bag)
+    return sorted(folders)
 
 
 def slide_patches(root: Path) -> dict[str, list[Path]]:
@@ -203,6 +258,7 @@ def compute(args: argparse.Namespace) -> dict[str, int]:
 def compute_on(device: torch.device, args: argparse.Namespace) -> dict[str, int]:
     out = Path(args.out)
     slides = read_inputs(args)
+    check_layouts(slides, args.layout)
     model, state = load_pretrained(args.checkpoint)
     encoder = feature_extractor(model, args.feature)
     # HDF5 attributes cannot hold None, so no resize is stored as 0.
@@ -220,17 +276,21 @@ def compute_on(device: torch.device, args: argparse.Namespace) -> dict[str, int]
                           num_workers=args.num_workers, resize=args.resize, desc=slide, indices=slides[slide].indices)
         write_bag(out / f"{slide}.h5", features, slides[slide], {**attributes, PATCHES_KEY: slides[slide].key})
     barrier()
+    pt_files = args.pt_files or "clam" in args.layout
     summary = {"encoded": len(pending), "already_done": len(slides) - len(pending), "without_patches": len(missing),
-               "pt_files": write_pt_files(out, list(slides)) if args.pt_files else 0}
+               "pt_files": write_pt_files(out, list(slides)) if pt_files else 0}
     if is_main():
-        report(summary, out, missing, args)
+        linked = link_layouts(out, slides, args.layout, encoder_name(state["config"], args.feature))
+        report(summary, out, missing, args, pt_files, linked)
     return summary
 
 
-def report(summary: dict[str, int], out: Path, missing: Sequence[str], args: argparse.Namespace) -> None:
-    """Say what was done, and list the labelled slides that have no patches."""
-    pt_files = f"; {summary['pt_files']} {PT_FOLDER} written" if args.pt_files else ""
-    print(f"{summary['encoded']} slides encoded, {summary['already_done']} already done, into {out}{pt_files}")
+def report(summary: dict[str, int], out: Path, missing: Sequence[str], args: argparse.Namespace, pt_files: bool,
+           linked: Sequence[Path]) -> None:
+    """Say what was done and where the layouts' links are, and list the labelled slides that have no patches."""
+    tensors = f"; {summary['pt_files']} {PT_FOLDER} written" if pt_files else ""
+    links = f"; bags linked into {', '.join(map(str, linked))}" if linked else ""
+    print(f"{summary['encoded']} slides encoded, {summary['already_done']} already done, into {out}{tensors}{links}")
     if missing:
         listing = out / "slides_without_patches.txt"
         listing.write_text("".join(f"{s}\n" for s in missing))

@@ -16,6 +16,7 @@ from transformers import SegformerConfig, SegformerModel
 from clusiam.checkpoint import load_pretrained
 from clusiam.config import parse_config
 from clusiam.export import main as export_main
+from clusiam.knn_eval import main as knn_main
 from clusiam.mit import MixVisionTransformer
 from clusiam.train import train
 from conftest import tiny_run_args
@@ -143,9 +144,15 @@ def test_torchvision_export_loads_strictly_with_real_batchnorm_statistics(tiny_c
     assert (features(network, x) - features(load_pretrained(tiny_checkpoint)[0].backbone, x)).abs().max() < 1e-5
 
 
-def test_timm_export_loads_strictly_and_safetensors_hold_the_same_tensors(tiny_demo, tmp_path):
-    checkpoint = train(parse_config(tiny_run_args(tiny_demo, tmp_path / "run", "--backbone", "resnet10t",
-                                                  "--epochs", "1")))
+@pytest.fixture(scope="module")
+def timm_checkpoint(tiny_demo, tmp_path_factory):
+    """A CluSiam checkpoint of a timm backbone (resnet10t: timm's own, no torchvision twin)."""
+    return train(parse_config(tiny_run_args(tiny_demo, tmp_path_factory.mktemp("timm"), "--backbone", "resnet10t",
+                                            "--epochs", "1")))
+
+
+def test_timm_export_loads_strictly_and_safetensors_hold_the_same_tensors(timm_checkpoint, tmp_path):
+    checkpoint = timm_checkpoint
     assert export_main([str(checkpoint), "--format", "timm", "--out", str(tmp_path / "r10.pth")]) == 0
     assert export_main([str(checkpoint), "--format", "timm", "--out", str(tmp_path / "r10.pth"), "--safetensors"]) == 0
     state = torch.load(tmp_path / "r10.pth", weights_only=True)
@@ -205,3 +212,91 @@ def test_a_write_that_runs_out_of_room_is_one_error_naming_the_file(tiny_checkpo
     assert result.stdout == (f"error: file too large for the limit on this system while writing {out}: free space on "
                              "that disk (or raise the quota) and run again; nothing was written\n")
     assert list(tmp_path.iterdir()) == []  # neither the weights nor their temporary
+
+
+# --- hub folders ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def knn_report(tiny_demo, tiny_checkpoint, tmp_path_factory):
+    """evaluate_knn.py's report.json for the tiny checkpoint."""
+    out = tmp_path_factory.mktemp("knn")
+    assert knn_main(["--checkpoint", str(tiny_checkpoint), "--train", str(tiny_demo / "knn_train.csv"), "--test",
+                     str(tiny_demo / "knn_test.csv"), "--out", str(out), "--device", "cpu", "--num_workers", "0",
+                     "--no_baselines", "--no_embedding"]) == 0
+    return out / "report.json"
+
+
+@pytest.mark.parametrize("which", ["tiny_checkpoint", "timm_checkpoint"])
+def test_a_hub_folder_loads_in_timm_and_eva_with_nothing_but_its_path(which, request, tmp_path):
+    """A torchvision ResNet (as timm's resnet18) and a timm backbone: timm.create_model("local-dir:...",
+    pretrained=True) loads it strictly with no other argument, its transforms carry the run's
+    preprocessing, and eva's timm backbone (checkpoint_path = the weight file) computes the same."""
+    from eva.vision.models import ModelFromRegistry
+
+    checkpoint = request.getfixturevalue(which)
+    out = tmp_path / "encoder"
+    assert export_main([str(checkpoint), "--format", "hub", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    encoder, state = load_pretrained(checkpoint)
+    backbone = state["config"]["backbone"]
+    network = timm.create_model(f"local-dir:{out}", pretrained=True)
+    x = torch.randn(2, 3, 32, 32)
+    assert (features(network, x) - features(encoder.backbone, x)).abs().max() < 1e-5
+    data = timm.data.resolve_model_data_config(network)
+    assert list(data["mean"]) == state["normalization"]["mean"] and list(data["std"]) == state["normalization"]["std"]
+    assert data["input_size"] == (3, 32, 32) and data["interpolation"] == "bilinear" and data["crop_pct"] == 1.0
+    config = json.loads((out / "config.json").read_text())
+    assert config["architecture"] == backbone and config["model_args"]["num_classes"] == 0
+    assert not {"tag", "license", "paper_ids", "origin_url"} & set(config["pretrained_cfg"])  # ImageNet's, not ours
+    eva = ModelFromRegistry(f"timm/{backbone}", model_kwargs={"checkpoint_path": str(out / "model.safetensors")})
+    assert (features(eva, x) - features(encoder.backbone, x)).abs().max() < 1e-5
+
+
+def test_a_hub_folder_of_mit_b1_is_a_segformer_model_with_lpds_stages(mit_checkpoint, tmp_path):
+    """transformers' SegformerModel.from_pretrained computes the encoder's four stages; its LayerNorms
+    all use eps 1e-5 where the reference's blocks use 1e-6, which moves features by about 1e-5."""
+    from transformers import AutoImageProcessor
+
+    out = tmp_path / "mit"
+    assert export_main([str(mit_checkpoint), "--format", "hub", "--out", str(out)]) == 0
+    theirs = SegformerModel.from_pretrained(out).eval()
+    encoder, state = load_pretrained(mit_checkpoint)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        for ours, reference in zip(encoder.backbone.stages(x), theirs(x, output_hidden_states=True).hidden_states):
+            assert ours.shape == reference.shape and (ours - reference).abs().max() < 1e-4
+    processor = AutoImageProcessor.from_pretrained(out)
+    assert list(processor.image_mean) == state["normalization"]["mean"] and processor.size["height"] == 32
+    card = (out / "README.md").read_text()
+    assert "library_name: transformers" in card and "patch scale 0.5 um/px" in card
+
+
+def test_the_model_card_says_what_the_encoder_saw_and_quotes_its_report(tiny_checkpoint, knn_report, tmp_path):
+    out = tmp_path / "encoder"
+    assert export_main([str(tiny_checkpoint), "--format", "hub", "--out", str(out), "--report", str(knn_report)]) == 0
+    card = (out / "README.md").read_text()
+    state = load_pretrained(tiny_checkpoint)[1]
+    rows = json.loads(knn_report.read_text())["rows"]
+    assert "- **Method:** clusiam, 8 clusters, alpha 0.5" in card and "- **Backbone:** resnet18" in card
+    ledger = state["pretraining_slides"]
+    assert f"{len(ledger['names'])} slides, {ledger['patches']} patches" in card
+    assert "1 of 1 epochs, global batch 16" in card and "**Initial weights:** random" in card
+    for row in rows:
+        assert f"| {format(row['f1'], '.4f')} | {row['macro_f1']:.4f} |" in card
+    assert "Test slides seen in pretraining: 2 of 2." in card
+
+
+def test_hub_exports_refuse_a_used_folder_and_a_report_of_another_checkpoint(tiny_checkpoint, timm_checkpoint,
+                                                                             knn_report, tmp_path, capsys):
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "keep.txt").write_text("mine")
+    assert export_main([str(tiny_checkpoint), "--format", "hub", "--out", str(used)]) == 2
+    assert "already exists and is not empty" in capsys.readouterr().out
+    assert [p.name for p in used.iterdir()] == ["keep.txt"]
+    out = tmp_path / "new"
+    assert export_main([str(timm_checkpoint), "--format", "hub", "--out", str(out), "--report", str(knn_report)]) == 2
+    assert "holds no row for" in capsys.readouterr().out
+    assert export_main([str(tiny_checkpoint), "--format", "timm", "--out", str(out), "--report", str(knn_report)]) == 2
+    assert "--report goes with --format hub" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["used"]  # nothing else, no temporary

@@ -1,6 +1,7 @@
 import csv
 import json
 import math
+import os
 import shutil
 
 import h5py
@@ -439,3 +440,57 @@ def test_compute_feats_from_slides_writes_the_bags_of_the_same_patches_as_files(
 def test_compute_feats_needs_one_place_to_read_patches_from(tmp_path, capsys, where, message):
     assert compute_main(["--checkpoint", "a.pth", "--out", str(tmp_path / "feats"), "--device", "cpu", *where]) == 2
     assert capsys.readouterr().out.startswith(f"error: {message}")
+
+
+def test_compute_feats_layouts_put_the_bags_where_clam_and_trident_load_them(tiny_checkpoint, tmp_path, capsys):
+    """``--layout clam trident`` lays the bags out for the other tools. What each assertion
+    mirrors (CLAM 53e2409d, TRIDENT a91fa849):
+
+    - CLAM ``dataset_modules/dataset_generic.py``, ``Generic_MIL_Dataset.__getitem__``:
+      ``torch.load(DATA_DIR/pt_files/<slide_id>.pt)``, a float tensor [N, D]; after
+      ``load_from_h5(True)``, ``DATA_DIR/h5_files/<slide_id>.h5``, datasets ``features`` and ``coords``.
+    - TRIDENT ``Processor.run_slide_feature_extraction_job``: ``JOB/<coords_dir>/features_<encoder>/<slide>.h5``
+      (a ``mean-<encoder>`` slide encoder takes ``features_<encoder>``), ``coords_dir`` named as
+      ``run_batch_of_slides.py`` names it, ``f"{float(mag):g}x_{patch_size}px_{overlap}px_overlap"``;
+      ``WSI.extract_slide_features`` reads ``features``, ``coords`` and the attributes of ``coords``.
+    """
+    setup = slide_setup(tmp_path)  # patches of 32 px at 0.5 um/px: 20x
+    out = tmp_path / "feats"
+    args = ["--checkpoint", str(tiny_checkpoint), "--job", str(setup.job), "--out", str(out), "--device", "cpu",
+            "--num_workers", "0"]
+    assert compute_main(args) == 0  # without --layout: the bags alone, as before
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{name}.h5" for name in SLIDES)
+    assert compute_main([*args, "--layout", "clam", "trident"]) == 0  # the bags there are laid out, not encoded again
+    trident = out / "20x_32px_0px_overlap" / "features_clusiam_resnet18"
+    assert capsys.readouterr().out.endswith(f"0 slides encoded, 4 already done, into {out}; 4 pt_files written; bags "
+                                            f"linked into {trident}, {out / 'h5_files'}\n")
+    for name in SLIDES:
+        assert os.readlink(out / "h5_files" / f"{name}.h5") == f"../{name}.h5"
+        assert os.readlink(trident / f"{name}.h5") == f"../../{name}.h5"
+        with h5py.File(out / "h5_files" / f"{name}.h5") as bag, h5py.File(setup.coords / f"{name}.h5") as source:
+            features, coords = bag["features"][:], bag["coords"][:]
+            assert features.dtype == np.float32 and features.shape == (4, 512)
+            np.testing.assert_array_equal(coords, source["coords"][:])
+            assert same_attributes(bag["coords"].attrs, source["coords"].attrs)  # patch_size_level0 and the rest
+        tensor = torch.load(out / "pt_files" / f"{name}.pt", weights_only=True)
+        assert tensor.dtype == torch.float32 and torch.equal(tensor, torch.from_numpy(features))
+    with h5py.File(setup.coords / "tumor_a.h5", "r+") as retiled:  # its coordinates made at 10x since
+        retiled["coords"].attrs["mpp"] = 1.0
+    assert compute_main([*args, "--layout", "trident"]) == 0
+    assert [str(p.relative_to(out)) for p in out.glob("*/features_*/tumor_a.h5")] == [
+        "10x_32px_0px_overlap/features_clusiam_resnet18/tumor_a.h5"]
+
+
+def test_a_layout_a_bag_cannot_be_given_is_refused_before_any_encoding(tiny_checkpoint, tmp_path, capsys):
+    setup = slide_setup(tmp_path)
+    odd = tmp_path / "odd" / "slide_x"  # patch files whose names give no corner
+    odd.mkdir(parents=True)
+    shutil.copy(setup.files["tumor_a"][0], odd / "first.png")
+    cases = [(setup.patches, "trident", "--layout trident: nothing says at which magnification the patches of slide "
+                                        "normal_a were cut"),
+             (tmp_path / "odd", "clam", "--layout clam: the patch files of slide slide_x are not named <x>_<y>.<ext>")]
+    for patches, layout, message in cases:
+        assert compute_main(["--checkpoint", str(tiny_checkpoint), "--patches", str(patches), "--out",
+                             str(tmp_path / "feats"), "--device", "cpu", "--layout", layout]) == 2
+        assert capsys.readouterr().out.startswith(f"error: {message}")
+    assert not (tmp_path / "feats").exists()

@@ -4,6 +4,7 @@ import contextlib
 import csv
 import io
 import json
+import os
 import re
 import shutil
 
@@ -537,3 +538,55 @@ def test_the_read_plan_reads_the_level_that_is_fine_enough_and_covers_the_asked_
     assert plan.reader.side0 == pytest.approx(224 / 0.499) and plan.reader.read_size == round(224 / 0.499)
     assert plan.step0 == pytest.approx(0.75 * plan.reader.side0)  # an overlap of 56 of the 224 pixels
     assert plan.thumb_scale == pytest.approx(4.0 / 0.499)
+
+
+def test_layouts_link_each_coordinate_file_where_trident_and_clam_open_it(slides, tiled, tmp_path):
+    """``--layout trident clam`` links ``coords/<slide>.h5`` where the other tools look. What each
+    assertion mirrors (TRIDENT a91fa849, CLAM 53e2409d):
+
+    - TRIDENT ``run_batch_of_slides.py`` names the folder of a patching
+      ``f"{float(mag):g}x_{patch_size}px_{overlap}px_overlap"``; ``Processor.run_patch_feature_extraction_job``
+      opens ``JOB/<folder>/patches/<slide>_patches.h5``; ``WSI.extract_patch_features`` reads it with
+      ``IO.read_coords`` (dataset ``coords`` and its attributes) and needs ``patch_size``,
+      ``level0_magnification`` and ``target_magnification`` (else it falls back to CLAM's reader).
+    - CLAM ``extract_features_fp.py`` opens ``--data_h5_dir``/``patches/<slide_id>.h5``;
+      ``dataset_h5.Whole_Slide_Bag_FP`` reads ``coords`` and the attributes ``patch_level`` and
+      ``patch_size``, and each patch as ``wsi.read_region(coord, patch_level, (patch_size, patch_size))``.
+    """
+    job = tmp_path / "job"
+    tile_once(slides, job, "--coords_only", "--layout", "trident", "clam")
+    trident, clam = job / "20x_224px_0px_overlap" / "patches" / "cmu_patches.h5", job / "patches" / "cmu.h5"
+    assert os.readlink(trident) == "../../coords/cmu.h5" and os.readlink(clam) == "../coords/cmu.h5"
+    assert [p.name for p in trident.parent.iterdir()] == ["cmu_patches.h5"]  # the broken slide failed: no link
+    with h5py.File(trident) as handle:
+        coords, attrs = handle["coords"][:], dict(handle["coords"].attrs)
+    assert coords.dtype == np.int64 and coords.tolist() == tiled[1].tolist()
+    assert (attrs["patch_size"], attrs["level0_magnification"]) == (224, 20)  # 20x: the job's --mpp 0.5
+    assert attrs["target_magnification"] == pytest.approx(20 * 0.499 / 0.5)  # what TRIDENT reads, not the name
+    with h5py.File(clam) as handle:
+        (x, y), clam_attrs = handle["coords"][0], dict(handle["coords"].attrs)
+    level, size = int(clam_attrs["patch_level"]), int(clam_attrs["patch_size"])
+    with tiffslide.TiffSlide(slides / "cmu.svs") as slide:
+        patch = np.asarray(slide.read_region((int(x), int(y)), level, (size, size)).convert("RGB"))
+    np.testing.assert_array_equal(patch, np.asarray(Image.open(tiled[0] / "patches" / "cmu" / f"{x}_{y}.png")))
+    # Without --layout, the job is as it always was.
+    assert not list(tiled[0].glob("*px_overlap")) and not list((tiled[0] / "patches").glob("*.h5"))
+
+
+def test_a_slide_tiled_again_is_linked_only_where_its_new_coordinates_belong(slides, tmp_path, capsys):
+    job = tmp_path / "job"
+    tile_once(slides, job, "--coords_only", "--layout", "trident", "clam")
+    # At 4 um/px the slide has no level of its own: no patch_level, so CLAM's extractor would misread it.
+    assert coarse(slides, job, "--coords_only", "--layout", "trident", "clam") == 0
+    links = [str(p.relative_to(job)) for p in job.glob("*/patches/*.h5")]
+    assert links == ["2.5x_32px_0px_overlap/patches/cmu_patches.h5"]
+    assert not os.path.lexists(job / "patches" / "cmu.h5")
+    warning = "cmu: not linked as patches/cmu.h5 for CLAM, whose extractor reads patch_size pixels at patch_level"
+    assert warning in capsys.readouterr().out and warning in read_rows(job / "tiles.csv")[0]["warnings"]
+    assert coarse(slides, job, "--coords_only") == 0  # tiled again without --layout: no link is left behind
+    assert not list(job.glob("*/patches/*.h5"))
+    (job / "patches" / "cmu.h5").write_text("CLAM's own file")  # never replaced by a link: cmu fails
+    assert tile_main([str(slides), "--out", str(job), "--workers", "1", "--coords_only", "--layout", "clam"]) == 2
+    assert (job / "patches" / "cmu.h5").read_text() == "CLAM's own file"
+    failed = (job / "failed_slides.txt").read_text()
+    assert f"{job / 'patches' / 'cmu.h5'} is a file, not a link --layout made" in failed
