@@ -2,6 +2,8 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
+DOCS = ["mkdocs-material", "mkdocstrings[python]"]
+
 setup(
     name="clusiam",
     version="0.1.0",
@@ -33,10 +35,13 @@ setup(
         "fsspec",  # slides and coordinate files read from URLs (clusiam/storage.py)
         "universal_pathlib",
     ],
-    # cloud: fsspec's filesystems for s3:// and gs:// slides. test: transformers' SegformerModel is the
-    # independent reference the MiT-B1 tests compare against, and loads the MiT-B1 hub export; kaiko-eva
-    # loads the timm hub exports as eva's configs do; s3fs with moto's S3 server, started by the
-    # tests on 127.0.0.1, reads slides from S3; ruff lints the code (ruff.toml) before the tests run.
+    # cloud: fsspec's filesystems for s3:// and gs:// slides. docs: the documentation site (mkdocs.yml;
+    # `mkdocs serve`). test: transformers' SegformerModel is the independent reference the MiT-B1 tests
+    # compare against, and loads the MiT-B1 hub export; kaiko-eva loads the timm hub exports as eva's
+    # configs do; s3fs with moto's S3 server, started by the tests on 127.0.0.1, reads slides from S3;
+    # ruff lints the code (ruff.toml) before the tests run; the docs extra builds the site under --strict.
     extras_require={"cloud": ["s3fs", "gcsfs"],
-                    "test": ["pytest", "transformers", "kaiko-eva[vision]", "ruff~=0.17.0", "s3fs", "moto[server]"]},
+                    "docs": DOCS,
+                    "test": ["pytest", "transformers", "kaiko-eva[vision]", "ruff~=0.17.0", "s3fs", "moto[server]",
+                             *DOCS]},
 )

@@ -197,7 +197,7 @@ def check_spec(spec: DemoSpec) -> DemoSpec:
     return spec
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m clusiam.demo", description="Write the clusiam demo patch set.")
     parser.add_argument("out", type=Path, help="folder to write the demo set into")
     parser.add_argument("--seed", type=int, default=DemoSpec.seed)
@@ -205,7 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slides_per_class", type=int, default=DemoSpec.slides_per_class)
     parser.add_argument("--grid", type=int, default=DemoSpec.grid, help="patches per slide side")
     parser.add_argument("--no_cmu", dest="cmu_patches", action="store_false", help="synthetic slides only")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     out = args.__dict__.pop("out")
 
     def write() -> None:

@@ -2,13 +2,15 @@
 
 The lock is a file, ``SAVE_PATH/run.lock``, created with ``O_CREAT | O_EXCL`` (atomic on
 local disks and on NFS v3 and later, the shared file systems clusters use) and holding who
-made it: host, PID, the process's start time and, under torchrun, the job's id. A second
+made it: host, PID, the process's start time and, under torchrun and SLURM, the job's id. A second
 run that finds it refuses, naming the holder. While the run lives, a thread touches the
 file every minute (its heartbeat), so that a lock left behind can be told from a live one:
 
 - on the same host, the holder's process is gone (or its PID now belongs to a younger process);
 - on another host, nothing touched the file for ten minutes;
-- under a torchrun restart (``--max_restarts``), the lock belongs to the same job.
+- under a torchrun restart (``--max_restarts``), the lock belongs to the same job;
+- in a SLURM job that SLURM requeued (``SLURM_RESTART_COUNT``), the lock was left by an earlier
+  run of the same job, which SLURM ended before it requeued the job.
 
 Such a lock is taken over, and the run says so. Under torchrun only rank 0 holds the lock.
 """
@@ -52,6 +54,12 @@ def alive(pid: int, started: str | None) -> bool:
     return started is None or process_start(pid) in (None, started)
 
 
+def slurm_restarts() -> int:
+    """How many times SLURM has requeued this job (0 outside SLURM). A requeued job may start on
+    another node minutes after it was preempted, before its old lock looks stale."""
+    return int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+
+
 def read_record(path: Path) -> dict:
     """A lock file's record; {} for one being written right now, or damaged (judged by its age alone)."""
     try:
@@ -69,7 +77,8 @@ class RunLock:
         self.record = {
             "host": socket.gethostname(), "pid": os.getpid(), "process_start": process_start(os.getpid()),
             "started": datetime.now().astimezone().isoformat(timespec="seconds"),
-            "torchrun_job": os.environ.get("TORCHELASTIC_RUN_ID"), "token": secrets.token_hex(8),
+            "torchrun_job": os.environ.get("TORCHELASTIC_RUN_ID"), "slurm_job": os.environ.get("SLURM_JOB_ID"),
+            "slurm_restart": slurm_restarts(), "token": secrets.token_hex(8),
         }
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
@@ -122,6 +131,9 @@ class RunLock:
         restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
         if restarted and holder.get("torchrun_job") and holder["torchrun_job"] == self.record["torchrun_job"]:
             return "it belongs to this torchrun job, restarted after a failure"
+        if (holder.get("slurm_job") and holder["slurm_job"] == self.record["slurm_job"]
+                and holder.get("slurm_restart", 0) < self.record["slurm_restart"]):
+            return "it was left by this SLURM job before SLURM requeued it"
         if holder.get("host") == self.record["host"] and isinstance(holder.get("pid"), int):
             if not alive(holder["pid"], holder.get("process_start")):
                 return f"its process (PID {holder['pid']}) is no longer running"

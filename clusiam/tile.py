@@ -55,6 +55,7 @@ from clusiam.files import check_output_folder, find_files, make_folder, write_at
 from clusiam.slides import SLIDE_EXTENSIONS, PatchReader, level0_mpp, open_slide, slide_property
 from clusiam.tables import read_csv_rows, read_table, write_csv
 
+CLAM_SLIDE_LIST = "process_list_autogen.csv"  # --layout clam: the slides CLAM's feature extractor is to read
 # ASAP groups of the Camelyon16 annotations: _0 and _1 are tumour, _2 marks normal tissue inside them.
 ASAP_EXCLUSION_GROUPS = {"_2", "exclusion", "Exclusion"}
 # The other folders of a job (JOB = --out; job.json and coords/ are named in clusiam.coords).
@@ -645,6 +646,15 @@ def write_job(job: Path, earlier: dict, tiled: dict[str, Path], options: TilingO
     return set(kept)
 
 
+def write_clam_list(job: Path) -> None:
+    """``JOB/process_list_autogen.csv``, the slide list CLAM's ``create_patches_fp.py`` writes and
+    its ``extract_features_fp.py --csv_path`` reads (column ``slide_id``: the slide's file name,
+    which CLAM cuts at ``--slide_ext``): every slide of the job linked for CLAM."""
+    slides = json.loads((job / JOB_FILE).read_text())["slides"]
+    rows = [[Path(path).name] for name, path in slides.items() if (job / PATCHES / f"{name}.h5").is_symlink()]
+    write_atomically(job / CLAM_SLIDE_LIST, lambda temporary: write_csv(temporary, ["slide_id"], rows))
+
+
 def update_table(path: Path, columns: Sequence[str], rows: Sequence[dict], kept: set[str]) -> None:
     """Write this run's ``rows`` to ``path`` (atomically) after those an earlier run wrote
     there for the slides the job keeps from it; a table left without rows is removed."""
@@ -695,6 +705,8 @@ def tile(args: argparse.Namespace) -> dict:
               f"be tiled again ({', '.join(withdrawn)})")
     files = {path.stem: path.resolve() for path in slides}
     kept = write_job(job, earlier, {row["slide"]: files[row["slide"]] for row in rows}, options)
+    if "clam" in args.layout:
+        write_clam_list(job)
     failed_list = write_tables(job, rows, failed, kept)
     if not rows:
         raise DataError(f"none of the {len(slides)} slide(s) could be tiled; the reasons are in {failed_list}")

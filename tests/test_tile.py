@@ -569,6 +569,8 @@ def test_layouts_link_each_coordinate_file_where_trident_and_clam_open_it(slides
     with tiffslide.TiffSlide(slides / "cmu.svs") as slide:
         patch = np.asarray(slide.read_region((int(x), int(y)), level, (size, size)).convert("RGB"))
     np.testing.assert_array_equal(patch, np.asarray(Image.open(tiled[0] / "patches" / "cmu" / f"{x}_{y}.png")))
+    # extract_features_fp.py --csv_path: Dataset_All_Bags reads the slide_id column, cut at --slide_ext .svs
+    assert read_rows(job / "process_list_autogen.csv") == [{"slide_id": "cmu.svs"}]
     # Without --layout, the job is as it always was.
     assert not list(tiled[0].glob("*px_overlap")) and not list((tiled[0] / "patches").glob("*.h5"))
 
