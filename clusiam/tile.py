@@ -10,7 +10,10 @@ they mean the same patch, CLAM's readers expect), ``thumbnails/<slide>.png``, ``
 (one row per slide), ``patch_labels.csv`` with annotations, ``failed_slides.txt`` and
 ``job.json`` (which slide file each coordinate file was made from). A slide is tiled in
 ``JOB/.unfinished/`` and its files move into place only once it is complete, its
-coordinate file last, so a slide that fails leaves nothing a reader would pick up.
+coordinate file last, so a slide that fails leaves nothing a reader would pick up. Each
+coordinate file records what made it (the slide file's size and modification time, the
+options): a job run again, or resumed after it was killed, skips the slides it already holds
+as this run would make them.
 ``--layout trident`` / ``clam`` also links each coordinate file where TRIDENT's processor
 (``JOB/<mag>x_<size>px_<overlap>px_overlap/patches/<slide>_patches.h5``) or CLAM's feature
 extractor (``JOB/patches/<slide>.h5``) looks for it.
@@ -19,14 +22,17 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import json
+import math
 import os
 import shutil
 import time
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, fields
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +40,10 @@ import h5py
 import numpy as np
 import shapely
 from PIL import Image, ImageDraw
+from scipy import ndimage
 from shapely.geometry import Polygon, shape
 from skimage.color import rgb2hsv
 from skimage.filters import threshold_otsu
-from skimage.morphology import remove_small_holes, remove_small_objects
 from tqdm import tqdm
 
 from clusiam.coords import (
@@ -52,7 +58,15 @@ from clusiam.coords import (
 )
 from clusiam.errors import ConfigError, DataError, run_command
 from clusiam.files import check_output_folder, find_files, make_folder, write_atomically
-from clusiam.slides import SLIDE_EXTENSIONS, PatchReader, level0_mpp, open_slide, slide_property
+from clusiam.slides import (
+    SLIDE_EXTENSIONS,
+    LevelTiles,
+    PatchReader,
+    SlideLevel,
+    level0_mpp,
+    open_slide,
+    slide_property,
+)
 from clusiam.tables import read_csv_rows, read_table, write_csv
 
 CLAM_SLIDE_LIST = "process_list_autogen.csv"  # --layout clam: the slides CLAM's feature extractor is to read
@@ -65,6 +79,16 @@ TILE_COLUMNS = ("slide", "tiles", "tissue_area_mm2", "mpp", "level", "otsu_thres
 LABEL_COLUMNS = ("slide", "x", "y", "label", "path")
 # Thumbnail saturation of glass, and of the black some scanners pad with, is below this; of stained tissue above it.
 GLASS_SATURATION = 0.1
+# The most pixels a tissue mask has: a slide whose mask at --mask_mpp would have more (a Camelyon16 scan: 78 M at
+# 4 um/px) is masked at a whole multiple of it (8 um/px: 19.5 M), so that a slide of any size takes bounded memory.
+MASK_PIXELS = 2**25
+STRIP_PIXELS = 2**22  # pixels of a slide level read at a time for the mask
+PICTURE_PIXELS = 2**22  # thumbnails/<slide>.png larger than this are shrunk by a whole factor (a PNG costs 0.1 s/M px)
+# Peak RSS of one process tiling a slide, with margin: 270 MiB measured on a Camelyon16-size slide, 432 MiB on one
+# whose mask is just under MASK_PIXELS, the most (benchmarks/RESULTS.md). The default --workers is the cores, or the
+# available memory divided by this where that is less.
+SLIDE_PEAK_MIB = 768
+TILING_RECORD = "clusiam_tiling"  # attribute of a coordinate file: what made it, and its row of tiles.csv
 
 
 def option(default: Any, help: str, rule: tuple[Callable[[Any], bool], str] | None = None, **argparse_options) -> Any:
@@ -175,32 +199,100 @@ class ReadPlan:
     thumb_scale: float  # level-0 pixels per thumbnail pixel
 
 
-def tissue_mask(thumbnail: np.ndarray, mask_mpp: float,
-                options: TilingOptions) -> tuple[np.ndarray, float, str | None]:
-    """Tissue on an RGB thumbnail: saturation above :func:`tissue_threshold`, small holes
-    filled and small objects removed. Returns the mask, the threshold used and, where Otsu's
-    was asked for but not used, a note that says why."""
-    saturation = rgb2hsv(thumbnail)[..., 1]
-    threshold, fallback = tissue_threshold(saturation, options.saturation_threshold)
-    pixel_area = mask_mpp**2  # um^2 per thumbnail pixel
-    mask = saturation > threshold
-    mask = remove_small_holes(mask, max_size=round(options.max_hole_um2 / pixel_area))
-    mask = remove_small_objects(mask, max_size=round(options.min_object_um2 / pixel_area))
-    return mask, threshold, fallback
+def find_tissue(slide, path: Path, plan: ReadPlan,
+                options: TilingOptions) -> tuple[np.ndarray, float, str | None, np.ndarray]:
+    """The slide's tissue mask at ``plan.thumb_scale``: saturation above :func:`tissue_threshold`,
+    small holes filled and small objects removed; the threshold used and, where Otsu's was
+    asked for but not used, a note that says why; and the slide's picture (the mask's RGB image,
+    shrunk for ``thumbnails/``). Saturation is looked up by each pixel's brightest and darkest
+    channel (:func:`saturation_table`), never computed per pixel in floats: the same values,
+    threshold and mask, in a fraction of the time and memory. Each image is let go as soon as
+    the next is made: on a scanner-size slide they are tens of MB each."""
+    thumbnail = mask_image(slide, path, plan.thumb_scale, options.mask_mpp / plan.level0_mpp)
+    picture = shrink(thumbnail, picture_factor(thumbnail.shape))
+    pairs = channel_pairs(thumbnail)
+    del thumbnail
+    table = saturation_table().ravel()
+    threshold, fallback = tissue_threshold(table, counts(pairs, table.size), options.saturation_threshold)
+    mask = (table > threshold)[pairs]
+    del pairs
+    remove_specks(mask, plan.thumb_scale * plan.level0_mpp, options)
+    return mask, threshold, fallback, picture
 
 
-def tissue_threshold(saturation: np.ndarray, given: float | None) -> tuple[float, str | None]:
-    """The saturation above which a pixel is tissue: ``given`` (--saturation_threshold), else
-    Otsu's where it splits glass from tissue. Otsu's always splits the pixels in two: on a crop
-    with no glass, pale tissue from dark; on glass alone, glass from glass. Where its paler class
-    is not glass, or its other class is glass too, all that is more saturated than glass is
-    tissue (``GLASS_SATURATION``), with a note saying so."""
+def remove_specks(mask: np.ndarray, mask_mpp: float, options: TilingOptions) -> None:
+    """Fill the holes smaller than --max_hole_um2 and remove the pieces smaller than
+    --min_object_um2, in place: skimage's ``remove_small_holes`` and ``remove_small_objects``
+    (4-connected, sizes in pixels at ``mask_mpp`` rounded, a piece of that size included)."""
+    pixel_area = mask_mpp**2  # um^2 per mask pixel
+    np.logical_not(mask, out=mask)
+    remove_small_pieces(mask, round(options.max_hole_um2 / pixel_area))
+    np.logical_not(mask, out=mask)
+    remove_small_pieces(mask, round(options.min_object_um2 / pixel_area))
+
+
+def remove_small_pieces(mask: np.ndarray, max_size: int) -> None:
+    """Set to False, in place, the 4-connected pieces of ``mask`` of at most ``max_size`` pixels,
+    as skimage's ``remove_small_objects`` does; its sizes are counted here a strip at a time,
+    where skimage counts them on an int64 copy of the labels (8 bytes a pixel)."""
+    if max_size == 0:
+        return
+    labels = np.empty(mask.shape, dtype=np.int32)
+    small = counts(labels, ndimage.label(mask, output=labels) + 1) <= max_size
+    small[0] = False  # the background
+    if small.any():
+        flat, kept = labels.reshape(-1), mask.reshape(-1)
+        for start in range(0, flat.size, STRIP_PIXELS):
+            kept[start:start + STRIP_PIXELS] &= ~small[flat[start:start + STRIP_PIXELS]]
+
+
+def counts(values: np.ndarray, length: int) -> np.ndarray:
+    """``np.bincount`` of an array of small non-negative integers, a strip at a time: whole, it
+    would first copy them all to int64."""
+    flat = values.reshape(-1)
+    return sum(np.bincount(flat[start:start + STRIP_PIXELS], minlength=length)
+               for start in range(0, flat.size, STRIP_PIXELS))
+
+
+def picture_factor(shape: tuple[int, ...]) -> int:
+    """The whole factor by which a mask of ``shape`` is shrunk into a picture of at most ``PICTURE_PIXELS``."""
+    return max(1, math.ceil(math.sqrt(shape[0] * shape[1] / PICTURE_PIXELS)))
+
+
+@cache
+def saturation_table() -> np.ndarray:
+    """HSV saturation, (max - min) / max (0 where max is 0), of every pair of a pixel's brightest
+    and darkest uint8 channel, (256, 256) float64 indexed [max, min]: computed by skimage's
+    ``rgb2hsv`` on pixels (max, min, min), so that looking it up gives its values bit for bit."""
+    high, low = np.meshgrid(np.arange(256), np.arange(256), indexing="ij")
+    low = np.minimum(low, high)
+    return rgb2hsv(np.stack([high, low, low], axis=-1).astype(np.uint8))[..., 1]
+
+
+def channel_pairs(thumbnail: np.ndarray) -> np.ndarray:
+    """Each pixel's index into :func:`saturation_table`, 256 * max + min of its channels, uint16."""
+    red, green, blue = (thumbnail[..., channel] for channel in range(3))
+    high = np.maximum(np.maximum(red, green), blue).astype(np.uint16)
+    high <<= 8
+    high |= np.minimum(np.minimum(red, green), blue)
+    return high
+
+
+def tissue_threshold(values: np.ndarray, counts: np.ndarray, given: float | None) -> tuple[float, str | None]:
+    """The saturation above which a pixel is tissue, from the thumbnail's saturations (``values``,
+    each held by ``counts`` pixels): ``given`` (--saturation_threshold), else Otsu's where it
+    splits glass from tissue. Otsu's always splits the pixels in two: on a crop with no glass,
+    pale tissue from dark; on glass alone, glass from glass. Where its paler class is not glass,
+    or its other class is glass too, all that is more saturated than glass is tissue
+    (``GLASS_SATURATION``), with a note saying so."""
     if given is not None:
         return given, None
-    otsu = float(threshold_otsu(saturation)) if saturation.max() > saturation.min() else 1.0
-    above = saturation[saturation > otsu]
-    paler = float(np.median(saturation[saturation <= otsu]))
-    darker = float(np.median(above)) if above.size else paler  # one saturation throughout: one class
+    present = counts > 0
+    values, counts = values[present], counts[present]
+    otsu = otsu_threshold(values, counts) if values.max() > values.min() else 1.0
+    above = values > otsu
+    paler = weighted_median(values[~above], counts[~above])
+    darker = weighted_median(values[above], counts[above]) if above.any() else paler  # one saturation: one class
     if paler < GLASS_SATURATION <= darker:
         return otsu, None
     found = "no glass" if paler >= GLASS_SATURATION else "only glass"
@@ -208,6 +300,22 @@ def tissue_threshold(saturation: np.ndarray, given: float | None) -> tuple[float
                               f"median {paler:.2f} and {darker:.2f}, glass has less than {GLASS_SATURATION:g}): "
                               f"saturation threshold {GLASS_SATURATION:g} used instead of Otsu's (pass "
                               "--saturation_threshold to choose)")
+
+
+def otsu_threshold(values: np.ndarray, counts: np.ndarray) -> float:
+    """skimage's ``threshold_otsu`` of the image holding each of ``values`` ``counts`` times: its
+    256 bins between the lowest and the highest value, counted here from the values alone."""
+    histogram, edges = np.histogram(values, bins=256, range=(values.min(), values.max()), weights=counts)
+    return float(threshold_otsu(hist=(histogram, (edges[:-1] + edges[1:]) / 2)))
+
+
+def weighted_median(values: np.ndarray, counts: np.ndarray) -> float:
+    """``np.median`` of the array holding each of ``values`` ``counts`` times."""
+    order = np.argsort(values, kind="stable")
+    values, ends = values[order], np.cumsum(counts[order])
+    total = int(ends[-1])
+    middle = values[np.searchsorted(ends, [(total - 1) // 2, total // 2], side="right")]
+    return float((middle[0] + middle[1]) / 2)
 
 
 def read_annotations(path: Path) -> shapely.Geometry:
@@ -251,19 +359,73 @@ def annotation_file(directory: Path | None, slide: str) -> Path | None:
 def tile_slide(path: Path, job: Path, slide_class: str | None, options: TilingOptions,
                layouts: Sequence[str]) -> dict:
     """Tile one slide into a staging folder and move it into place only when complete, so a
-    slide that fails half-way leaves nothing for pretraining or a reader to pick up; link it
-    into the other tools' ``layouts``; return its summary row (and its patch label rows)."""
+    slide that fails half-way leaves nothing for pretraining or a reader to pick up; its
+    coordinate file records what made it and its row of ``tiles.csv``, so that a run killed
+    later, or run again, finds it done (:func:`finished_row`). Link it into the other tools'
+    ``layouts``; return its summary row (and its patch label rows)."""
+    made = slide_record(path, slide_class, options)  # before reading: a file changed meanwhile is tiled again
     relative = Path(PATCHES, slide_class or "", path.stem)
     staging = job / STAGING / path.stem
     shutil.rmtree(staging, ignore_errors=True)  # left by a run that was killed
     try:
         row = tile_into(path, relative, staging, job / COORDS, options)
+        with h5py.File(staging / f"{path.stem}.h5", "a") as handle:
+            summary = {key: value for key, value in row.items() if key != "patch_labels"}
+            handle.attrs[TILING_RECORD] = json.dumps({"made": made, "row": summary})
         publish(staging, job, relative, path.stem)
     except Exception:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        # The slide's parsed file (tifffile keeps every level's tile offsets as Python integers: tens of MB for a
+        # scanner-size slide) lies in reference cycles, which the collector seldom visits in a worker that makes
+        # few Python objects: without this, a worker grew by 5-30 MB a slide (2.3 GB after 400 scanner-size slides).
+        gc.collect()
     row["warnings"] += link_layouts(job, path.stem, layouts)
     return row
+
+
+def slide_record(path: Path, slide_class: str | None, options: TilingOptions) -> dict:
+    """What a slide's coordinates are made from, as JSON holds it: the slide file (where it leads,
+    its size and modification time), its class, its annotation file's and every tiling option
+    (of a --slide_mpp CSV, this slide's value). Equal records: the same coordinates, patches,
+    thumbnail and row."""
+    annotations = annotation_file(options.annotations, path.stem)
+    slide_mpp = options.slide_mpp.get(path.stem) if isinstance(options.slide_mpp, dict) else options.slide_mpp
+    record = {"file": file_stamp(path), "class": slide_class,
+              "annotations": None if annotations is None else file_stamp(annotations),
+              "options": {**plain_options(options), "slide_mpp": slide_mpp}}
+    return json.loads(json.dumps(record))
+
+
+def file_stamp(path: Path) -> list:
+    """Where ``path`` leads, its size and its modification time (ns): a file replaced or written to differs."""
+    stat = path.stat()
+    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+
+
+def plain_options(options: TilingOptions) -> dict:
+    """The options as JSON holds them."""
+    return {key: str(value) if isinstance(value, Path) else value for key, value in asdict(options).items()}
+
+
+def finished_row(path: Path, job: Path, slide_class: str | None, options: TilingOptions) -> dict | None:
+    """The row (and patch label rows) of a slide the job already holds as this run would make it:
+    its coordinate file records the same :func:`slide_record`, and its thumbnail is there (the
+    coordinate file is published last, so its patches are too). None otherwise: tile it."""
+    coords = job / COORDS / f"{path.stem}.h5"
+    if not coords.is_file() or not (job / THUMBNAILS / f"{path.stem}.png").is_file():
+        return None
+    try:
+        with h5py.File(coords, "r") as handle:
+            stored = json.loads(handle.attrs.get(TILING_RECORD, "null"))
+            if not stored or stored["made"] != slide_record(path, slide_class, options):
+                return None
+            labels = handle["label"][:].astype(str) if "label" in handle else None
+            paths = handle["paths"].asstr()[:].tolist() if "paths" in handle else None
+            return {**stored["row"], "patch_labels": label_rows(path.stem, handle["coords"][:], labels, paths)}
+    except (OSError, ValueError, KeyError, TypeError):  # a damaged file, or one an older tiler wrote: tile it again
+        return None
 
 
 def link_layouts(job: Path, name: str, layouts: Sequence[str]) -> list[str]:
@@ -343,24 +505,44 @@ def plan_reading(slide, path: Path, options: TilingOptions) -> ReadPlan:
     return ReadPlan(
         level0_mpp=mpp0, magnification=slide_property(slide, "objective-power"), width=width, height=height,
         reader=reader, downsample=float(slide.level_downsamples[reader.level]),
-        step0=(options.size - options.overlap_px) * target, thumb_scale=options.mask_mpp / mpp0,
+        step0=(options.size - options.overlap_px) * target,
+        thumb_scale=mask_scale(width, height, options.mask_mpp / mpp0),
     )
+
+
+def mask_scale(width: int, height: int, scale: float) -> float:
+    """Level-0 pixels per mask pixel: ``scale`` (--mask_mpp's), or the smallest whole multiple
+    of it at which the mask has at most ``MASK_PIXELS`` pixels. The mask's memory and time are
+    then bounded on a slide of any size, and a tile still spans many mask pixels (a 224 px
+    tile at 20x: 28 at 4 um/px, 14 at 8 um/px on a Camelyon16 scan)."""
+    return scale * max(1, math.ceil(math.sqrt(width * height / scale**2 / MASK_PIXELS)))
 
 
 def tissue_tiles(mask: np.ndarray, plan: ReadPlan, min_tissue: float) -> tuple[np.ndarray, list[float]]:
     """The grid's tiles with at least ``min_tissue`` of their area in the tissue mask: their
-    top-left corners (N, 2) in level-0 pixels, and their tissue fractions."""
+    top-left corners (N, 2) in level-0 pixels, and their tissue fractions. A tile covers the
+    mask pixels from the one its corner lies in to the one before its far edge (at least one),
+    those inside the mask; a grid row's fractions come from running sums over its band of rows."""
+    tile0 = plan.reader.side0
+    xs = np.arange(0, plan.width - tile0 + 1e-6, plan.step0)
+    left, right = mask_span(xs, tile0, plan.thumb_scale, mask.shape[1])
     coords, tissue = [], []
-    scale, tile0 = plan.thumb_scale, plan.reader.side0
     for y in np.arange(0, plan.height - tile0 + 1e-6, plan.step0):
-        for x in np.arange(0, plan.width - tile0 + 1e-6, plan.step0):
-            box = mask[int(y / scale): max(int(y / scale) + 1, int((y + tile0) / scale)),
-                       int(x / scale): max(int(x / scale) + 1, int((x + tile0) / scale))]
-            fraction = float(box.mean()) if box.size else 0.0
-            if fraction >= min_tissue:
-                coords.append((int(round(x)), int(round(y))))
-                tissue.append(fraction)
+        (top,), (bottom,) = mask_span(np.array([y]), tile0, plan.thumb_scale, mask.shape[0])
+        sums = np.concatenate([[0], np.cumsum(mask[top:bottom].sum(axis=0))])
+        area = (bottom - top) * (right - left)
+        fraction = np.divide(sums[right] - sums[left], area, out=np.zeros(len(xs)), where=area > 0)
+        keep = fraction >= min_tissue
+        coords += [(int(round(x)), int(round(y))) for x in xs[keep]]
+        tissue += fraction[keep].tolist()
     return np.array(coords, dtype=np.int64).reshape(-1, 2), tissue
+
+
+def mask_span(starts: np.ndarray, tile0: float, scale: float, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """The mask pixels [first, end) that tiles starting at level-0 ``starts`` cover along one axis."""
+    first = (starts / scale).astype(np.int64)
+    end = np.maximum(first + 1, ((starts + tile0) / scale).astype(np.int64))
+    return np.minimum(first, length), np.minimum(end, length)
 
 
 def tumour_region(options: TilingOptions, slide: str) -> tuple[shapely.Geometry | None, str | None]:
@@ -455,8 +637,7 @@ def tile_into(path: Path, relative: Path, staging: Path, coords_dir: Path, optio
     slide = open_slide(path)
     try:
         plan = plan_reading(slide, path, options)
-        thumbnail = np.asarray(slide_thumbnail(slide, plan.thumb_scale))
-        mask, threshold, fallback = tissue_mask(thumbnail, options.mask_mpp, options)
+        mask, threshold, fallback, picture = find_tissue(slide, path, plan, options)
         coords, tissue = tissue_tiles(mask, plan, options.min_tissue)
         staging.mkdir(parents=True)
         paths = None if options.coords_only else write_patches(slide, coords, plan.reader, staging / PATCHES,
@@ -469,9 +650,9 @@ def tile_into(path: Path, relative: Path, staging: Path, coords_dir: Path, optio
         level0_mpp=plan.level0_mpp, magnification=plan.magnification, overlap_px=options.overlap_px,
         savetodir=coords_dir)
     write_coords(staging / f"{name}.h5", coords, attributes, tissue, paths, tumour, labels)
-    draw_thumbnail(thumbnail, mask, coords / plan.thumb_scale, plan.reader.side0 / plan.thumb_scale,
-                   staging / f"{name}.png", region, plan.thumb_scale)
-    tissue_mm2 = round(float(mask.sum()) * options.mask_mpp**2 / 1e6, 3)
+    draw_thumbnail(picture, mask, coords, plan.reader.side0, staging / f"{name}.png", region, plan.thumb_scale)
+    mask_mpp = plan.thumb_scale * plan.level0_mpp  # --mask_mpp's, or coarser on a scanner-size slide
+    tissue_mm2 = round(float(mask.sum()) * mask_mpp**2 / 1e6, 3)
     warnings = [annotation_warning] if annotation_warning else []
     if len(coords) == 0:
         warnings.append(no_tile_warning(path, plan, options, tissue_mm2))
@@ -486,19 +667,24 @@ def tile_into(path: Path, relative: Path, staging: Path, coords_dir: Path, optio
     }
 
 
-def draw_thumbnail(thumbnail: np.ndarray, mask: np.ndarray, corners: np.ndarray, side: float, path: Path,
+def draw_thumbnail(picture: np.ndarray, mask: np.ndarray, coords: np.ndarray, tile0: float, path: Path,
                    region: shapely.Geometry | None, scale: float) -> None:
-    """The thumbnail with the tissue mask tinted green, kept tiles outlined in blue and
-    tumour annotations in red."""
-    picture = thumbnail.astype(np.float32)
-    picture[mask] = 0.7 * picture[mask] + 0.3 * np.array([0, 200, 0])
-    image = Image.fromarray(picture.astype(np.uint8))
+    """The slide's picture (:func:`find_tissue`; the mask ``scale`` level-0 pixels per pixel) with
+    the tissue mask tinted green, kept tiles (level-0 corners ``coords``, side ``tile0``) outlined
+    in blue and tumour annotations in red. Shrunk by a whole factor to at most ``PICTURE_PIXELS``,
+    which is plenty to look at and keeps a scanner-size slide's picture from costing seconds."""
+    factor = picture_factor(mask.shape)
+    picture = picture.copy()
+    tinted = shrink(mask.view(np.uint8) * np.uint8(255), factor) >= 128
+    picture[tinted] = 0.7 * picture[tinted] + 0.3 * np.array([0, 200, 0])
+    image = Image.fromarray(picture)
     draw = ImageDraw.Draw(image)
-    for x, y in corners:
-        draw.rectangle([x, y, x + side, y + side], outline=(0, 60, 255))
+    scale *= factor
+    for x, y in coords / scale:
+        draw.rectangle([x, y, x + tile0 / scale, y + tile0 / scale], outline=(0, 60, 255))
     for outline in polygon_outlines(region, scale):
         draw.line(outline + outline[:1], fill=(230, 0, 0), width=2)
-    image.save(path)
+    image.save(path, compress_level=1)
 
 
 def polygon_outlines(region: shapely.Geometry | None, scale: float) -> list[list[tuple[float, float]]]:
@@ -517,7 +703,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="JOB: the job folder (patches, coordinates, thumbnails, tables, job.json)")
     parser.add_argument("--classes", type=Path, default=None,
                         help="slides.csv (slide, label): patches go under patches/<label>/<slide>/")
-    parser.add_argument("--workers", type=int, default=4, help="slides tiled in parallel")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="slides tiled in parallel (default: the cores, or as many as the available memory holds "
+                        f"at {SLIDE_PEAK_MIB} MiB a slide)")
     parser.add_argument("--layout", nargs="+", default=["clusiam"], choices=LAYOUTS,
                         help="also link each coordinate file where TRIDENT (JOB/<mag>x_<size>px_<overlap>px_overlap/"
                         "patches/<slide>_patches.h5) or CLAM (JOB/patches/<slide>.h5) looks for it")
@@ -538,7 +726,7 @@ def tiling_options(args: argparse.Namespace) -> TilingOptions:
         if spec.metadata["rule"] is not None and not spec.metadata["rule"][0](value):
             raise ConfigError(f"--{spec.metadata['argparse'].get('flag', spec.name)} {value} must be "
                               f"{spec.metadata['rule'][1]}")
-    if args.workers < 1:
+    if args.workers is not None and args.workers < 1:
         raise ConfigError(f"--workers {args.workers} must be at least 1")
     if args.annotations is not None and not args.annotations.is_dir():
         state = "is not a folder" if args.annotations.exists() else "does not exist"
@@ -568,9 +756,63 @@ def find_slides(source: Path) -> list[Path]:
 
 def slide_thumbnail(slide, scale: float) -> Image.Image:
     """The whole slide as RGB, ``scale`` level-0 pixels per thumbnail pixel."""
-    width, height = slide.dimensions
-    size = (max(1, round(width / scale)), max(1, round(height / scale)))
+    size = thumbnail_size(slide, scale)
     return slide.get_thumbnail(size).convert("RGB").resize(size)
+
+
+def thumbnail_size(slide, scale: float) -> tuple[int, int]:
+    width, height = slide.dimensions
+    return max(1, round(width / scale)), max(1, round(height / scale))
+
+
+def mask_image(slide, path: Path, scale: float, source_scale: float) -> np.ndarray:
+    """The whole slide as RGB, (height, width, 3) uint8, ``scale`` level-0 pixels per pixel, from
+    the level :func:`slide_thumbnail` reads at ``source_scale`` (--mask_mpp's; ``scale`` is a
+    whole multiple of it where the mask is coarser): read whole where that level is small, else
+    a strip of rows at a time, each resized (area average) to its rows of the image, so that the
+    memory it takes is the image's and a strip's, however large the level."""
+    level = slide.get_best_level_for_downsample(source_scale)
+    level_width, level_height = slide.level_dimensions[level]
+    if scale == source_scale and level_width * level_height <= MASK_PIXELS:
+        return np.asarray(slide_thumbnail(slide, scale))
+    width, height = thumbnail_size(slide, scale)
+    step = level_height / height  # level rows per image row
+    image = np.empty((height, width, 3), dtype=np.uint8)
+    rows = max(1, int(STRIP_PIXELS / (level_width * step)))
+    reader = LevelTiles.of(slide, level, path) or SlideLevel(slide, level)
+    try:
+        for first in range(0, height, rows):
+            end = min(first + rows, height)
+            top, bottom = math.floor(first * step), min(level_height, math.ceil(end * step))
+            strip = Image.fromarray(level_rows(reader, slide.level_downsamples[level], top, bottom - top, level_width))
+            box = (0, first * step - top, level_width, end * step - top)
+            image[first:end] = np.asarray(resized(strip, (width, end - first), box))
+    finally:
+        if isinstance(reader, LevelTiles):  # its own file handle; a SlideLevel's is the slide's
+            reader.close()
+    return image
+
+
+def level_rows(reader: LevelTiles | SlideLevel, downsample: float, top: int, rows: int, width: int) -> np.ndarray:
+    """``rows`` whole rows of a level from row ``top``, (rows, width, 3) uint8: squares side by side,
+    each tile decoded once. The readers take level-0 pixels and divide them by the downsample:
+    rounded up, they land on the level's pixel."""
+    corners = [(math.ceil(left * downsample), math.ceil(top * downsample)) for left in range(0, width, rows)]
+    return np.concatenate(reader.regions(corners, rows), axis=1)[:, :width]
+
+
+def resized(image: Image.Image, size: tuple[int, int], box: tuple[float, float, float, float]) -> Image.Image:
+    """The ``box`` of ``image`` resized to ``size``, each pixel the mean of the area it covers;
+    by PIL's ``reduce`` where that is a whole factor of the image (a pyramid's 2x or 4x: 3x as fast)."""
+    factor = image.width / size[0]
+    if factor.is_integer() and box == (0, 0, image.width, image.height) and image.height == size[1] * factor:
+        return image.reduce(int(factor))
+    return image.resize(size, Image.Resampling.BOX, box=box)
+
+
+def shrink(image: np.ndarray, factor: int) -> np.ndarray:
+    """``image`` (uint8, RGB or one channel) ``factor`` times smaller, each pixel the mean of its block."""
+    return image if factor == 1 else np.asarray(Image.fromarray(image).reduce(factor))
 
 
 def read_classes(path: Path, slides: Sequence[Path]) -> dict[str, str]:
@@ -593,14 +835,41 @@ def report_unannotated(slides: Sequence[Path], folder: Path) -> None:
 
 
 def tile_all(slides: Sequence[Path], job: Path, classes: dict[str, str], options: TilingOptions,
-             workers: int, layouts: Sequence[str]) -> tuple[list[dict], list[tuple[Path, str]]]:
-    """Tile the slides ``workers`` at a time; return the summary rows of those tiled and the
-    slides that failed, with why (one bad slide must not stop the others)."""
-    rows, failed = [], []
+             workers: int | None, layouts: Sequence[str]) -> tuple[list[dict], list[tuple[Path, str]]]:
+    """Tile the slides ``workers`` at a time (None: :func:`default_workers`), skipping those the
+    job already holds as this run would make them (:func:`finished_row`; their links are made
+    again, for this run's ``layouts``); return the summary rows of all of them, in the slides'
+    order, and the slides that failed, with why (one bad slide must not stop the others)."""
+    rows, failed, todo = [], [], []
+    for path in slides:
+        row = finished_row(path, job, classes.get(path.stem), options)
+        if row is None:
+            todo.append(path)
+            continue
+        try:
+            unlink_layouts(job, path.stem)
+            rows.append({**row, "warnings": row["warnings"] + link_layouts(job, path.stem, layouts)})
+        except DataError as error:  # a file where a link belongs: the slide fails, as when it is tiled
+            failed.append((path, f"{type(error).__name__}: {error}"))
+    if len(todo) < len(slides):
+        print(f"skipped {len(slides) - len(todo)} of {len(slides)} slide(s), already tiled from the same file (size "
+              f"and modification time) with the same options; tiling {len(todo)}")
+    if todo:
+        rows += tile_slides(todo, job, classes, options, workers or default_workers(), layouts, failed)
+    shutil.rmtree(job / STAGING, ignore_errors=True)
+    order = {path.stem: index for index, path in enumerate(slides)}
+    return sorted(rows, key=lambda row: order[row["slide"]]), failed
+
+
+def tile_slides(slides: Sequence[Path], job: Path, classes: dict[str, str], options: TilingOptions, workers: int,
+                layouts: Sequence[str], failed: list[tuple[Path, str]]) -> list[dict]:
+    """Tile ``slides`` in ``workers`` processes, with a progress bar that shows the time left;
+    return their rows, and add those that fail to ``failed``."""
+    rows = []
     with ProcessPoolExecutor(max_workers=workers) as pool:
         futures = {pool.submit(tile_slide, path, job, classes.get(path.stem), options, layouts): path
                    for path in slides}
-        for future in tqdm(futures, desc="slides", unit="slide"):
+        for future in tqdm(as_completed(futures), total=len(futures), desc="slides", unit="slide"):
             try:
                 rows.append(future.result())
             except Exception as error:  # any failure of one slide, whatever raised it
@@ -609,8 +878,29 @@ def tile_all(slides: Sequence[Path], job: Path, classes: dict[str, str], options
                 continue
             for warning in rows[-1]["warnings"]:  # printed here: the workers' own output would interleave
                 tqdm.write(f"warning: {warning}")
-    shutil.rmtree(job / STAGING, ignore_errors=True)
-    return rows, failed
+    return rows
+
+
+def default_workers() -> int:
+    """Slides tiled at once when --workers is left out: one per core, as many as the available
+    memory holds at ``SLIDE_PEAK_MIB`` each, and at least one; said on the console."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    memory = available_mib()
+    workers = max(1, min(cores, memory // SLIDE_PEAK_MIB))
+    print(f"--workers {workers}: {cores} core(s), {memory / 1024:.1f} GiB of memory available at {SLIDE_PEAK_MIB} MiB "
+          "a slide (pass --workers to choose)")
+    return workers
+
+
+def available_mib() -> int:
+    """Memory the system can give without swapping (Linux's MemAvailable), else its free memory, in MiB."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") // 2**20
 
 
 def read_job(job: Path) -> dict:
@@ -636,7 +926,7 @@ def write_job(job: Path, earlier: dict, tiled: dict[str, Path], options: TilingO
     the earlier run's slides kept."""
     kept = {name: path for name, path in earlier.get("slides", {}).items()
             if name not in tiled and (job / COORDS / f"{name}.h5").is_file()}
-    plain = {key: str(value) if isinstance(value, Path) else value for key, value in asdict(options).items()}
+    plain = plain_options(options)
     record = {
         "slides": dict(sorted({**kept, **{name: str(path) for name, path in tiled.items()}}.items())),
         "coords_only": plain.pop("coords_only") or bool(kept and earlier.get("coords_only")),

@@ -592,3 +592,143 @@ def test_a_slide_tiled_again_is_linked_only_where_its_new_coordinates_belong(sli
     assert (job / "patches" / "cmu.h5").read_text() == "CLAM's own file"
     failed = (job / "failed_slides.txt").read_text()
     assert f"{job / 'patches' / 'cmu.h5'} is a file, not a link --layout made" in failed
+
+
+def test_saturation_otsu_and_the_speck_removal_are_skimages_to_the_bit():
+    """The tiler looks saturation up by each pixel's brightest and darkest channel and takes
+    Otsu's threshold and the class medians from their counts: the values of skimage's rgb2hsv,
+    threshold_otsu and np.median on the pixels themselves, and its remove_small_holes and
+    remove_small_objects, on the CC0 slide's thumbnail and on random pixels."""
+    from skimage.color import rgb2hsv
+    from skimage.filters import threshold_otsu
+    from skimage.morphology import remove_small_holes, remove_small_objects
+
+    from clusiam import tile
+
+    with open_slide(CMU_SLIDE) as slide:
+        thumbnail = np.asarray(tile.slide_thumbnail(slide, 4 / 0.499))
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    table = tile.saturation_table().ravel()
+    for image in (thumbnail, noise):
+        saturation, pairs = rgb2hsv(image)[..., 1], tile.channel_pairs(image)
+        np.testing.assert_array_equal(table[pairs], saturation)
+        counts = np.bincount(pairs.ravel(), minlength=table.size)
+        values, counts = table[counts > 0], counts[counts > 0]
+        otsu = tile.otsu_threshold(values, counts)
+        assert otsu == threshold_otsu(saturation)
+        for paler in (True, False):
+            side, pixels = (values <= otsu) == paler, (saturation <= otsu) == paler
+            assert tile.weighted_median(values[side], counts[side]) == np.median(saturation[pixels])
+        mask = saturation > otsu
+        expected = remove_small_objects(remove_small_holes(mask, max_size=8), max_size=20)
+        tile.remove_specks(mask, 1.0, tile.TilingOptions(max_hole_um2=8, min_object_um2=20))
+        np.testing.assert_array_equal(mask, expected)
+
+
+def test_a_slide_too_large_for_a_fine_mask_is_masked_coarser_with_about_the_same_tiles(monkeypatch):
+    """A mask over MASK_PIXELS is made at a whole multiple of --mask_mpp, from the level read at
+    --mask_mpp (here the CC0 slide stands for a scanner-size one): the tiles barely change."""
+    from clusiam import tile
+
+    options = tile.TilingOptions(mpp=2.0, size=32)
+    with open_slide(CMU_SLIDE) as slide:
+        fine = tile.plan_reading(slide, CMU_SLIDE, options)
+        mask, *_ = tile.find_tissue(slide, CMU_SLIDE, fine, options)
+        monkeypatch.setattr(tile, "MASK_PIXELS", mask.size // 3)
+        coarse_plan = tile.plan_reading(slide, CMU_SLIDE, options)
+        coarse_mask, *_ = tile.find_tissue(slide, CMU_SLIDE, coarse_plan, options)
+    assert coarse_plan.thumb_scale == 2 * fine.thumb_scale and coarse_mask.shape == (185, 138)
+    before, after = (len(tile.tissue_tiles(m, plan, 0.6)[0]) for m, plan in ((mask, fine), (coarse_mask, coarse_plan)))
+    assert before > 100 and abs(after - before) <= 0.05 * before
+
+
+@pytest.mark.parametrize("tiled", [True, False])
+def test_a_level_read_in_strips_makes_the_image_read_whole(tmp_path, monkeypatch, tiled):
+    """A large level is read for the mask a strip of rows at a time, each resized to its rows of
+    the image: through the tile reader (a tiled TIFF) and through read_region (a TIFF of strips,
+    which is not read tile by tile), the image read as one strip."""
+    from clusiam import tile
+    from clusiam.slides import LevelTiles
+
+    path = CMU_SLIDE if tiled else tmp_path / "plain.tif"
+    if not tiled:
+        Image.fromarray(crop(600, 600, 1100, 2000)).save(path)
+    with open_slide(path) as slide:
+        assert (LevelTiles.of(slide, 0, path) is not None) == tiled
+        monkeypatch.setattr(tile, "STRIP_PIXELS", 10**9)
+        whole = tile.mask_image(slide, path, 16.0, 8.0)
+        monkeypatch.setattr(tile, "STRIP_PIXELS", 200_000)  # about 10 image rows a strip
+        strips = tile.mask_image(slide, path, 16.0, 8.0)
+    assert whole.shape == ((185, 139, 3) if tiled else (125, 69, 3))
+    assert np.abs(strips.astype(int) - whole).max() <= 1
+
+
+def test_a_job_run_again_skips_the_slides_it_holds_and_tiles_those_whose_file_or_options_changed(tmp_path, capsys):
+    folder, job = tmp_path / "slides", tmp_path / "job"
+    folder.mkdir()
+    for name in ("a", "b"):
+        shutil.copy(CMU_SLIDE, folder / f"{name}.svs")
+
+    def coordinate_times():
+        return {name: (job / "coords" / f"{name}.h5").stat().st_mtime_ns for name in "ab"}
+
+    def run(*extra):
+        assert coarse(folder, job, *extra) == 0
+        assert [row["slide"] for row in read_rows(job / "tiles.csv")] == ["a", "b"]
+        assert list(json.loads((job / "job.json").read_text())["slides"]) == ["a", "b"]
+        return capsys.readouterr().out
+
+    assert "skipped" not in run()
+    first, rows = coordinate_times(), read_rows(job / "tiles.csv")
+    assert "skipped 2 of 2 slide(s), already tiled from the same file (size and modification time) with the same " \
+           "options; tiling 0" in run()
+    assert coordinate_times() == first and read_rows(job / "tiles.csv") == rows  # the rows come from the files
+    os.utime(folder / "a.svs", ns=(first["a"], first["a"] + 10**9))  # a slide file written since
+    assert "skipped 1 of 2 slide(s)" in run()
+    second = coordinate_times()
+    assert second["a"] > first["a"] and second["b"] == first["b"]
+    assert "skipped" not in run("--min_tissue", "0.5")  # other options: every slide again
+    assert all(coordinate_times()[name] > second[name] for name in "ab")
+
+
+def test_a_killed_job_keeps_the_slides_it_finished_and_resumes_with_the_rest(tmp_path, capsys):
+    """A run killed (SIGKILL) part-way leaves complete coordinate files and a staged slide; run
+    again, it tiles only the slides it had not finished, and its tables and job.json name them all."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    folder, job = tmp_path / "slides", tmp_path / "job"
+    folder.mkdir()
+    for index in range(8):
+        (folder / f"s{index}.svs").symlink_to(CMU_SLIDE)
+    command = [sys.executable, "-m", "clusiam.tile", str(folder), "--out", str(job), "--workers", "1",
+               "--mpp", "1", "--size", "64"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    while len(list((job / "coords").glob("*.h5"))) < 2 and process.poll() is None:
+        time.sleep(0.005)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    done = {path.stem: path.stat().st_mtime_ns for path in (job / "coords").glob("*.h5")}
+    assert 2 <= len(done) < 8 and not (job / "tiles.csv").exists()
+    assert tile_main([str(folder), "--out", str(job), "--workers", "1", "--mpp", "1", "--size", "64"]) == 0
+    assert f"skipped {len(done)} of 8 slide(s)" in capsys.readouterr().out
+    assert {name: (job / "coords" / f"{name}.h5").stat().st_mtime_ns for name in done} == done
+    rows = read_rows(job / "tiles.csv")
+    assert [row["slide"] for row in rows] == [f"s{index}" for index in range(8)]
+    assert len({row["tiles"] for row in rows}) == 1 and not (job / ".unfinished").exists()
+    assert len(json.loads((job / "job.json").read_text())["slides"]) == 8
+
+
+def test_the_default_workers_are_the_cores_or_what_the_memory_holds(monkeypatch, capsys):
+    from clusiam import tile
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(tile, "available_mib", lambda: 64 * tile.SLIDE_PEAK_MIB)
+    assert tile.default_workers() == min(cores, 64)
+    monkeypatch.setattr(tile, "available_mib", lambda: tile.SLIDE_PEAK_MIB - 1)
+    assert tile.default_workers() == 1
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"--workers 1: {cores} core(s), 0.7 GiB of memory available at {tile.SLIDE_PEAK_MIB} MiB a slide (pass "
+        "--workers to choose)")
