@@ -64,11 +64,11 @@ FULL = Setting(patches=25_600, patch_size=224, image_size=224, batch_size=512, m
                resumed=(*METHODS, "mit_b1"), workers=16, throughput_steps=40, knn_size=100_000, loss_seeds=(0, 1),
                loss_epochs=2)
 # The CPU test runs one network per family (SimSiam and BYOL are CluSiam's and CluBYOL's code without the cluster
-# head, and each method's CLI run is tested in tests/test_train.py) and resumes one per backbone: resuming is the
-# same code for every method.
+# head, and each method's CLI run is tested in tests/test_train.py) and resumes one: resuming restores the model's and
+# the optimizer's state dicts, the same code for every method and backbone (the full check resumes each).
 TINY = Setting(patches=48, patch_size=64, image_size=32, batch_size=8, mit_batch_size=8,
                smoke=("clusiam", "clubyol", "mit_b1"), smoke_epochs=1,
-               resumed=("clusiam", "mit_b1"), workers=0, throughput_steps=2, knn_size=500, loss_seeds=(0,),
+               resumed=("clusiam",), workers=0, throughput_steps=2, knn_size=500, loss_seeds=(0,),
                loss_epochs=1)
 
 

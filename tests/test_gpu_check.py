@@ -27,7 +27,7 @@ def test_every_step_runs_on_cpu_and_reports_its_figures(tmp_path):
     assert [name for name in steps if name.startswith("smoke_")] == ["smoke_clusiam", "smoke_clubyol", "smoke_mit_b1"]
     for network in ("clusiam", "clubyol", "mit_b1"):  # one network per family in the tiny setting
         assert all(math.isfinite(loss) for loss in steps[f"smoke_{network}"]["figures"]["losses"])
-    for network in ("clusiam", "mit_b1"):  # the tiny setting resumes one network per backbone
+    for network in ("clusiam",):  # the tiny setting resumes one network (the same code for every backbone)
         first, resumed = steps[f"smoke_{network}"]["figures"]["losses"], steps[f"resume_{network}"]["figures"]["losses"]
         assert len(resumed) == len(first) + 1 and resumed[: len(first)] == first  # one more epoch, resumed
         assert all(math.isfinite(loss) for loss in resumed)
