@@ -168,10 +168,11 @@ def export_hub(checkpoint: Path, out: Path, report: Path | None) -> Path:
                           "is written whole into a new or empty folder; pass another --out or remove it")
     check_output_folder(out.parent, "--out's folder")
     model, state = load_pretrained(checkpoint)
-    scores = report_scores(report, checkpoint) if report is not None else None
+    digest = file_digest(checkpoint)  # once: the report's rows are found by it and the card names it
+    scores = report_scores(report, checkpoint, digest) if report is not None else None
     mit = backbone_family(state["config"]["backbone"]) == "mit"
     network = model.backbone if mit else timm_network(model.backbone, state["config"]["backbone"])
-    card = model_card(state, checkpoint, scores, network.num_features, "transformers" if mit else "timm")
+    card = model_card(state, checkpoint, digest, scores, network.num_features, "transformers" if mit else "timm")
     write = write_segformer_folder if mit else write_timm_folder
     write_atomically(out, lambda folder: write(network, state, folder, card))
     print(f"wrote {out}: " + ("transformers.SegformerModel.from_pretrained(FOLDER)" if mit else
@@ -226,14 +227,13 @@ def data_config(state: dict) -> dict:
             "input_size": (3, size, size), "interpolation": INTERPOLATION, "crop_pct": CROP_PCT}
 
 
-def report_scores(report: Path, checkpoint: Path) -> list[dict]:
+def report_scores(report: Path, checkpoint: Path, digest: str) -> list[dict]:
     """The rows of an evaluate_knn.py report.json that scored this very checkpoint (by SHA-256)."""
     try:
         rows = json.loads(report.read_text())["rows"]
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ExportError(f"--report {report} is not an evaluate_knn.py report.json ({type(error).__name__}): "
                           "pass the report.json in evaluate_knn.py's --out folder") from None
-    digest = file_digest(checkpoint)
     mine = [row for row in rows if row.get("checkpoint_sha256") == digest]
     if not mine:
         raise ExportError(f"--report {report} holds no row for {checkpoint} (none with its SHA-256): pass the report "
@@ -246,14 +246,15 @@ def card_title(state: dict) -> str:
     return f"{METHOD_NAMES[config['model_type']]}-pretrained {config['backbone']} for histopathology (clusiam)"
 
 
-def model_card(state: dict, checkpoint: Path, scores: list[dict] | None, num_features: int, library: str) -> str:
+def model_card(state: dict, checkpoint: Path, digest: str, scores: list[dict] | None, num_features: int,
+               library: str) -> str:
     """The folder's README.md: what the encoder is, what it saw, how it trained, how it scores, how to load it."""
     tags = ["image-feature-extraction", "histopathology", "self-supervised", "clusiam", library]
     front = ["---", f"library_name: {library}", "pipeline_tag: image-feature-extraction", "tags:",
              *[f"- {tag}" for tag in tags], "---"]
     method = METHOD_NAMES[state["config"]["model_type"]]
     return "\n".join([*front, f"# {card_title(state)}", "", f"An encoder pretrained with {method} ({PAPER}).", "",
-                      "## Model details", "", *card_details(state, checkpoint), *card_scores(scores or []),
+                      "## Model details", "", *card_details(state, checkpoint, digest), *card_scores(scores or []),
                       "", "## Usage", "", *card_usage(state, num_features, library), ""])
 
 
@@ -262,7 +263,7 @@ def normalization(state: dict) -> tuple[list[float], list[float]]:
     return tuple([round(value, 4) for value in state["normalization"][key]] for key in ("mean", "std"))
 
 
-def card_details(state: dict, checkpoint: Path) -> list[str]:
+def card_details(state: dict, checkpoint: Path, digest: str) -> list[str]:
     config, ledger, init = state["config"], state.get("pretraining_slides") or {}, state.get("init")
     data = config.get("data_dir") or config.get("coords") or "the built-in demo set"
     slides = f"{len(ledger['names']):,} slides" if "names" in ledger else "slides not recorded"
@@ -278,7 +279,7 @@ def card_details(state: dict, checkpoint: Path) -> list[str]:
             f"lr {config['lr']}, {config.get('world_size', 1)} process(es), seed {config['seed']}",
             "- **Initial weights:** " + (f"{init['source']} (SHA-256 {init['sha256']})" if init else "random"),
             f"- **Normalisation:** mean {mean}, std {std} (pixel values / 255)",
-            f"- **Source checkpoint:** {Path(checkpoint).name} (SHA-256 {file_digest(Path(checkpoint))})"]
+            f"- **Source checkpoint:** {Path(checkpoint).name} (SHA-256 {digest})"]
 
 
 def card_scores(scores: list[dict]) -> list[str]:
