@@ -5,6 +5,7 @@ for a tiling job whose patches are read from slides, on a first run, a restart a
     python benchmarks/startup.py --work /tmp/startup statistics --patches 100000
     python benchmarks/startup.py --work /tmp/startup folder --patches 100000
     python benchmarks/startup.py --work /tmp/startup job --patches 1000000 --slides 200
+    python benchmarks/startup.py --work /tmp/startup cohort --slides 2000 --per_slide 5000
 
 listing: the old listing (``Path.rglob`` and ``is_file``) against :func:`clusiam.files.find_files`
 (``os.scandir``), and the file-list key, on the generated folder (warm page cache, best of 3).
@@ -19,6 +20,11 @@ own), then ``pretrain.py`` runs three times in one --save_path, each stopped at 
 2. restart: a new run in the same folder, its caches (check verdicts, statistics) there;
 3. resume: ``--resume auto`` from a last.pth (trained for one epoch on a few patches with the
    same options: which patches it saw does not change what a resume does before its first step).
+
+cohort: ``--coords --slides`` over links to one scanner-size slide (benchmarks/scanner_slides.py,
+100,000 x 200,000 px, levels every --step x), each with TRIDENT coordinates of its own
+(--per_slide patches of 224 px at 20x drawn from the tissue grid); runs: first (the user
+cache, CLUSIAM_CACHE under --work, emptied), new (another --save_path), resume.
 
 Each run prints when its output first shows each phase, in seconds since launch (``python``'s
 own start and imports included). The training options (--train_args) keep the step itself
@@ -47,21 +53,26 @@ from clusiam.coords import coordinate_attributes
 from clusiam.demo import CMU_SLIDE
 from clusiam.files import file_list_key, find_files
 from clusiam.images import IMAGE_EXTENSIONS
+from clusiam.slide_source import SlideSource, folder_pairs
 from clusiam.slides import PatchReader, open_slide
-from clusiam.sources import STATISTICS_SAMPLE, FolderSource, channel_statistics
+from clusiam.sources import STATISTICS_SAMPLE, FolderSource, PatchSource, channel_statistics
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPOSITORY / "tests"))  # write_pyramid: the tests' generated scanner file
 from conftest import write_pyramid  # noqa: E402
 
+sys.path.insert(0, str(REPOSITORY / "benchmarks"))
+from scanner_slides import tissue_grid, write_scanner_slide, write_trident_coords  # noqa: E402
+
 TRAIN_ARGS = "--device cpu --image_size 64 --batch_size 64 --num_worker 2 --num_clusters 10 --print_freq 1"
 # The first time each phase shows in a run's output (stdout and tqdm's stderr, merged).
 PHASES = {
-    "checking": re.compile(r"checking (images|slides)|reusing the check"),
+    "checking": re.compile(r"checking (images|slides)|reusing the check|reading coordinates"),
     "statistics": re.compile(r"channel statistics"),
     "set up": re.compile(r" on \S+: \d+ images, \d+ steps/epoch"),
     "first step": re.compile(r"epoch \d+/\d+:\s*\d+%\|[^|]*\|\s*[1-9]\d*/\d+"),
 }
+COHORT_PATCH_PX = 224  # a cohort's patches: 224 px at 20x, TRIDENT's default
 PATCHES_PER_SLIDE = 500  # of a generated patch folder: root/<class>/<slide>/<patch>.png, the authors' layout
 
 
@@ -171,28 +182,37 @@ def time_to_first_step(arguments: list[str], log: Path, limit: float) -> dict[st
     return seen
 
 
-def checkpoint_for_resume(data: Path, save_path: Path, train_args: list[str], limit: float) -> Path:
-    """A last.pth of one short epoch on ``data`` with ``train_args``, the checkpoint a resume continues."""
+def checkpoint_for_resume(data: list[str], save_path: Path, train_args: list[str], limit: float) -> Path:
+    """A last.pth of one short epoch on ``data`` (pretrain.py's data arguments) with ``train_args``,
+    the checkpoint a resume continues."""
     last = save_path / "last.pth"
     if not last.is_file():
-        command = [sys.executable, str(REPOSITORY / "pretrain.py"), str(data), "--save_path", str(save_path),
+        command = [sys.executable, str(REPOSITORY / "pretrain.py"), *data, "--save_path", str(save_path),
                    "--epochs", "1", *train_args]
         subprocess.run(command, cwd=REPOSITORY, check=True, timeout=limit, stdout=subprocess.DEVNULL)
     return last
 
 
-def three_starts(name: str, data: Path, warm_data: Path, args: argparse.Namespace) -> None:
-    """First run, restart and resume on ``data``, each timed to its first step; the resume's
-    checkpoint is trained on ``warm_data``."""
+def three_starts(name: str, data: list[str], warm_data: list[str], args: argparse.Namespace,
+                 second: str = "restart") -> None:
+    """First run, a second new run and a resume on ``data`` (pretrain.py's data arguments),
+    each timed to its first step; the resume's checkpoint is trained on ``warm_data``. The
+    second run is in the first one's --save_path ("restart") or in another ("new"); the user
+    cache (CLUSIAM_CACHE) is a folder under --work, emptied before the first run."""
     train_args = shlex.split(args.train_args)
     save_path = args.work / "runs" / name.replace(" ", "_")
-    shutil.rmtree(save_path, ignore_errors=True)
+    cache = args.work / "cache"
+    os.environ["CLUSIAM_CACHE"] = str(cache)
+    for folder in (save_path, save_path.with_name(f"{save_path.name}-new"), cache):
+        shutil.rmtree(folder, ignore_errors=True)
     donor = checkpoint_for_resume(warm_data, save_path.with_name(f"{save_path.name}-donor"), train_args, args.limit)
-    runs = {"first": [], "restart": [], "resume": ["--resume", "auto", "--epochs", "2"]}
-    for run, extra in runs.items():
+    runs = {"first": (save_path, []), second: (save_path.with_name(f"{save_path.name}-new") if second == "new"
+                                               else save_path, []),
+            "resume": (save_path, ["--resume", "auto", "--epochs", "2"])}
+    for run, (folder, extra) in runs.items():
         if run == "resume":
-            shutil.copyfile(donor, save_path / "last.pth")
-        seen = time_to_first_step([str(data), "--save_path", str(save_path), "--epochs", "1", *train_args, *extra],
+            shutil.copyfile(donor, folder / "last.pth")
+        seen = time_to_first_step([*data, "--save_path", str(folder), "--epochs", "1", *train_args, *extra],
                                   args.work / f"{save_path.name}-{run}.log", args.limit)
         phases = "  ".join(f"{phase} {seconds:6.1f}" for phase, seconds in seen.items())
         print(f"{name:<28} {run:<8} first step at {seen['first step']:6.1f} s   ({phases})", flush=True)
@@ -240,21 +260,69 @@ def statistics(args: argparse.Namespace) -> None:
     source = FolderSource(find_files(root, IMAGE_EXTENSIONS, "images", "", ""))
     for size in (min(STATISTICS_SAMPLE, len(source)), len(source)):
         started = time.perf_counter()
-        mean, std = channel_statistics(source, num_workers=2, sample_size=size)
-        print(f"{size} of {len(source)} patches, 2 workers: mean {np.round(mean, 4).tolist()}, std "
-              f"{np.round(std, 4).tolist()} in {time.perf_counter() - started:.1f} s")
+        statistics = channel_statistics(source, num_workers=2, sample_size=size)
+        print(f"{size} of {len(source)} patches, 2 workers: {statistics} in {time.perf_counter() - started:.1f} s")
 
 
 def folder(args: argparse.Namespace) -> None:
     data = make_patch_folder(args.work / f"patches_{args.patches}", args.patches, args.patch_px)
     warm = make_patch_folder(args.work / "patches_128", 128, args.patch_px)
-    three_starts(f"folder of {args.patches}", data, warm, args)
+    three_starts(f"folder of {args.patches}", [str(data)], [str(warm)], args)
 
 
 def job(args: argparse.Namespace) -> None:
     data = make_job(args.work / f"job_{args.patches}_{args.slides}", args.patches, args.slides, args.patch_px)
     warm = make_job(args.work / "job_128_2", 128, 2, args.patch_px)
-    three_starts(f"job of {args.patches} on {args.slides} slides", data, warm, args)
+    three_starts(f"job of {args.patches} on {args.slides} slides", [str(data)], [str(warm)], args)
+
+
+def make_cohort(folder: Path, slides: int, per_slide: int, step: int) -> tuple[Path, Path]:
+    """(coords folder, slides folder): ``slides`` links to one scanner-size slide with levels
+    every ``step``x, each with ``per_slide`` patches of the tissue grid (a seeded draw per slide)."""
+    spec = {"slides": slides, "per_slide": per_slide, "step": step}
+    coords_dir, slides_dir = folder / "coords", folder / "slides"
+    if made_before(folder, spec):
+        return coords_dir, slides_dir
+    scan = write_scanner_slide(folder.parent / f"scan_{step}x.tif", step)
+    grid = tissue_grid(scan, COHORT_PATCH_PX, 20)
+    shutil.rmtree(folder, ignore_errors=True)
+    slides_dir.mkdir(parents=True)
+    for index in tqdm(range(slides), desc="writing the cohort"):
+        name = f"slide_{index:05d}"
+        (slides_dir / f"{name}.tif").symlink_to(scan)
+        chosen = np.sort(np.random.default_rng(index).choice(len(grid), min(per_slide, len(grid)), replace=False))
+        write_trident_coords(coords_dir / f"{name}_patches.h5", grid[chosen], name, COHORT_PATCH_PX, 20)
+    (folder / "made.json").write_text(json.dumps(spec))
+    return coords_dir, slides_dir
+
+
+def cohort(args: argparse.Namespace) -> None:
+    coords, slides = make_cohort(args.work / f"cohort_{args.step}x_{args.slides}_{args.per_slide}", args.slides,
+                                 args.per_slide, args.step)
+    warm_coords, warm_slides = make_cohort(args.work / f"cohort_{args.step}x_2_64", 2, 64, args.step)
+    three_starts(f"cohort of {args.slides} slides x {args.per_slide} ({args.step}x)",
+                 ["--coords", str(coords), "--slides", str(slides)],
+                 ["--coords", str(warm_coords), "--slides", str(warm_slides)], args, second="new")
+    if args.compare_statistics:
+        compare_statistics(coords, slides)
+
+
+class UniformlySampled(SlideSource):
+    """A slide source whose statistics read a uniform sample of patches, as before slides were drawn."""
+
+    statistics_patches = STATISTICS_SAMPLE
+    statistics_sample = PatchSource.statistics_sample
+    sample_groups = PatchSource.sample_groups
+
+
+def compare_statistics(coords: Path, slides: Path) -> None:
+    """The cohort's channel statistics from slides drawn (pretraining's sample) and from a
+    uniform sample of 20,000 patches, each with its time (2 workers) and standard error."""
+    source, _ = SlideSource.checked(folder_pairs(coords, slides), defer=True)
+    for name, sampled in (("64 slides x 64 patches", source), ("uniform 20,000", UniformlySampled(source.entries))):
+        started = time.perf_counter()
+        statistics = channel_statistics(sampled, num_workers=2)
+        print(f"statistics, {name}: {statistics} in {time.perf_counter() - started:.1f} s", flush=True)
 
 
 def main() -> None:
@@ -271,6 +339,13 @@ def main() -> None:
         command.set_defaults(action=action)
         if name == "job":
             command.add_argument("--slides", type=int, default=200)
+    command = commands.add_parser("cohort")
+    command.add_argument("--slides", type=int, default=2000)
+    command.add_argument("--per_slide", type=int, default=5000, help="patches per slide")
+    command.add_argument("--step", type=int, default=2, choices=(2, 4), help="the pyramid's step between levels")
+    command.add_argument("--compare_statistics", action="store_true",
+                         help="then the statistics of pretraining's sample against a uniform one")
+    command.set_defaults(action=cohort)
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     args.action(args)

@@ -18,7 +18,7 @@ import yaml
 
 from clusiam.backbones import backbone_family
 from clusiam.best import score_names
-from clusiam.distributed import add_dist_timeout
+from clusiam.distributed import DEVICE_HELP, add_dist_timeout
 from clusiam.errors import CommandParser, ConfigError, InRange
 from clusiam.files import check_output_folder
 from clusiam.models import METHODS
@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", default=None, help="YAML file of options (configs/<name>.yaml); flags override it")
 
     model = parser.add_argument_group("model")
-    model.add_argument("--model_type", default="clusiam", choices=list(METHODS))
+    model.add_argument("--model_type", default="clusiam", choices=list(METHODS),
+                       help="the method: CluSiam or CluBYOL, or the SimSiam or BYOL baseline (each with its own "
+                            "--feat_size, --alpha and --fix_pred_lr)")
     model.add_argument("--backbone", default="resnet18",
                        help="resnet18 (the paper's), resnet50, mit_b1 (SegFormer / LPD encoder) or a timm model name")
     model.add_argument("--init", default=None, metavar="FILE_OR_FOLDER",
@@ -76,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "SimSiam's recipe; off for the BYOL family)")
     optim.add_argument("--seed", default=0, type=int, action=InRange, at_least=0,
                        help="seeds every random draw (numpy's SeedSequence takes no negative seed)")
-    optim.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    optim.add_argument("--device", default="auto", help=DEVICE_HELP)
     optim.add_argument("--precision", default="bf16", choices=["bf16", "fp32"],
                        help="bf16 autocast on GPU (the CPU always runs fp32)")
     add_dist_timeout(optim, "rank 0 checking images and computing statistics at the start")
@@ -89,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--image_size", default=224, type=int, action=InRange, at_least=1,
                       help="side of each augmented view, in pixels")
     data.add_argument("--patch_mpp", default=None, type=float, action=InRange, above=0,
-                      help="microns per pixel of the training patches (0.5 = 20x); recorded in checkpoints and exports")
+                      help="microns per pixel of the training patches (0.5 = 20x); recorded in checkpoints and exports "
+                           "(default: not recorded)")
     data.add_argument("--augment", default="batched", choices=["batched", "pil"],
                       help="batched: workers decode uint8 patches and the views are made in batch on the training "
                            "device; pil: the paper's pipeline, PIL transforms in the workers")

@@ -30,7 +30,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from clusiam.augment import RGB_FROM_HED
-from clusiam.errors import ConfigError, run_command
+from clusiam.errors import CommandParser, ConfigError, run_command
 from clusiam.files import check_output_folder, make_folder
 from clusiam.tables import write_csv
 
@@ -198,21 +198,22 @@ def check_spec(spec: DemoSpec) -> DemoSpec:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m clusiam.demo", description="Write the clusiam demo patch set.")
+    parser = CommandParser(prog="python -m clusiam.demo", description="Write the clusiam demo patch set.")
     parser.add_argument("out", type=Path, help="folder to write the demo set into")
-    parser.add_argument("--seed", type=int, default=DemoSpec.seed)
-    parser.add_argument("--patch_size", type=int, default=DemoSpec.patch_size)
-    parser.add_argument("--slides_per_class", type=int, default=DemoSpec.slides_per_class)
+    parser.add_argument("--seed", type=int, default=DemoSpec.seed,
+                        help="seeds the synthetic slides' stains and tumours")
+    parser.add_argument("--patch_size", type=int, default=DemoSpec.patch_size, help="patch side in pixels")
+    parser.add_argument("--slides_per_class", type=int, default=DemoSpec.slides_per_class,
+                        help="synthetic slides of each class, normal and tumor")
     parser.add_argument("--grid", type=int, default=DemoSpec.grid, help="patches per slide side")
     parser.add_argument("--no_cmu", dest="cmu_patches", action="store_false", help="synthetic slides only")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    out = args.__dict__.pop("out")
-
     def write() -> None:
+        args = build_parser().parse_args(argv)
+        out = args.__dict__.pop("out")
         spec = check_spec(DemoSpec(**vars(args)))
         print(f"demo set written to {prepare_demo(make_folder(check_output_folder(out, 'OUT_DIR'), 'OUT_DIR'), spec)}")
 

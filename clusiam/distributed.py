@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from clusiam.errors import ConfigError
 
 T = TypeVar("T")
+DEVICE_HELP = "auto (a GPU when one is visible), cpu, cuda or cuda:N"  # what every --device takes (resolve_device)
 
 
 def resolve_device(name: str) -> torch.device:

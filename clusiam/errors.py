@@ -4,7 +4,8 @@ A :class:`UserError` names the culprit (a file, a flag) and the fix. The CLIs ru
 through :func:`run_command`, which prints it as one ``error: ...`` line and exits with status 2;
 anything else is a bug and keeps its traceback. Their options are parsed by a
 :class:`CommandParser`, so that a refused option is such an error too, and a number option
-states its range where it is defined, with :class:`InRange`.
+states its range where it is defined, with :class:`InRange`; its ``--help`` shows each
+option's default. What they print counts things with :func:`counted` ("1 slide").
 """
 from __future__ import annotations
 
@@ -85,10 +86,30 @@ def message(error: UserError) -> str:
     return text.rstrip().rsplit(f"{type(error).__name__}: ", 1)[-1]
 
 
+class DefaultsFormatter(argparse.HelpFormatter):
+    """``--help`` that ends each option's help with its default, ``(default: 0.5)``, so that
+    what a left-out option does is read where the option is: not where the help already
+    shows it (``%(default)s``), nor for a switch (off unless given), nor for a default of
+    None, whose meaning the help says in words ("default: from the checkpoint")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help = action.help or ""
+        default = action.default
+        switch = action.nargs == 0 and not isinstance(action, argparse.BooleanOptionalAction)
+        if "%(default)" in help or default is None or default is argparse.SUPPRESS or switch:
+            return help
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"{help} (default: {shown.replace('%', '%%')})"
+
+
 class CommandParser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are :class:`ConfigError` rather than usage and exit: a
     refused option becomes one ``error: ...`` line like any other user error, and a config file
-    read through the parser can put its own name in front of the message."""
+    read through the parser can put its own name in front of the message. Its ``--help``
+    shows the defaults (:class:`DefaultsFormatter`)."""
+
+    def __init__(self, *args, formatter_class: type[argparse.HelpFormatter] = DefaultsFormatter, **options) -> None:
+        super().__init__(*args, formatter_class=formatter_class, **options)
 
     def error(self, message: str) -> NoReturn:
         raise ConfigError(message)
@@ -125,6 +146,12 @@ class InRange(argparse.Action):
             if not self.admits(value):
                 parser.error(f"{option_string or self.dest} must be {self.rule} (got {value})")
         setattr(namespace, self.dest, values)
+
+
+def counted(count: int, noun: str, plural: str | None = None) -> str:
+    """``count`` with its noun, plural unless it is one, for what a command prints: ``1 slide``,
+    ``2 slides``, ``1,024 patches`` (``plural``: where it is not the noun and an "s")."""
+    return f"{count:,} {noun if count == 1 else plural or noun + 's'}"
 
 
 def range_rule(above: float | None, at_least: float | None, below: float | None, at_most: float | None) -> str:

@@ -38,7 +38,7 @@ from torchvision import models
 
 from clusiam.backbones import backbone_family, build_timm
 from clusiam.checkpoint import load_pretrained
-from clusiam.errors import ExportError, run_command
+from clusiam.errors import CommandParser, ExportError, counted, run_command
 from clusiam.files import check_output_folder, file_digest, write_atomically
 from clusiam.mit import SEGFORMER_CONFIG, MixVisionTransformer, segformer_state
 
@@ -266,8 +266,8 @@ def normalization(state: dict) -> tuple[list[float], list[float]]:
 def card_details(state: dict, checkpoint: Path, digest: str) -> list[str]:
     config, ledger, init = state["config"], state.get("pretraining_slides") or {}, state.get("init")
     data = config.get("data_dir") or config.get("coords") or "the built-in demo set"
-    slides = f"{len(ledger['names']):,} slides" if "names" in ledger else "slides not recorded"
-    patches = f"{ledger['patches']:,} patches" if "patches" in ledger else "patches not counted"
+    slides = counted(len(ledger["names"]), "slide") if "names" in ledger else "slides not recorded"
+    patches = counted(ledger["patches"], "patch", "patches") if "patches" in ledger else "patches not counted"
     mpp = f"{config['patch_mpp']} um/px" if config.get("patch_mpp") else "not recorded (pretrain.py --patch_mpp)"
     clustered = config["model_type"].startswith("clu")
     clusters = f", {config['num_clusters']} clusters, alpha {config['alpha']}" if clustered else ""
@@ -275,7 +275,8 @@ def card_details(state: dict, checkpoint: Path, digest: str) -> list[str]:
     return [f"- **Method:** {config['model_type']}{clusters}",
             f"- **Backbone:** {config['backbone']}",
             f"- **Data:** {data}: {slides}, {patches}; {config['image_size']} px views; patch scale {mpp}",
-            f"- **Training:** {state['epoch']} of {config['epochs']} epochs, global batch {config['batch_size']}, "
+            f"- **Training:** {state['epoch']} of {counted(config['epochs'], 'epoch')}, global batch "
+            f"{config['batch_size']}, "
             f"lr {config['lr']}, {config.get('world_size', 1)} process(es), seed {config['seed']}",
             "- **Initial weights:** " + (f"{init['source']} (SHA-256 {init['sha256']})" if init else "random"),
             f"- **Normalisation:** mean {mean}, std {std} (pixel values / 255)",
@@ -333,7 +334,7 @@ def save_through_python(weights: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m clusiam.export", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="python -m clusiam.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--format", dest="fmt", required=True, choices=FORMATS,
                         help="lpd, torchvision, timm: a weight file and its JSON; hub: a model folder")
@@ -347,8 +348,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return run_command(lambda: export(args.checkpoint, args.fmt, args.out, args.bgr, args.safetensors, args.report))
+    def run() -> None:
+        args = build_parser().parse_args(argv)
+        export(args.checkpoint, args.fmt, args.out, args.bgr, args.safetensors, args.report)
+
+    return run_command(run)
 
 
 if __name__ == "__main__":

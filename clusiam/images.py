@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from clusiam.errors import DataError
+from clusiam.errors import DataError, counted
 from clusiam.files import file_list_key, find_files, read_cache, write_cache
 from clusiam.storage import is_url
 
@@ -58,7 +58,7 @@ class Checked(NamedTuple):
         if self.bad:
             total = len(self.good) + len(self.bad)
             where = f"; the list with reasons is in {listing}" if listing is not None else ""
-            print(f"skipped {len(self.bad)} of {total} files that cannot be used{where}")
+            print(f"skipped {len(self.bad)} of {counted(total, 'file')} that cannot be used{where}")
 
 
 def inspect_image(path: Path, min_size: int) -> tuple[str | None, tuple[int, int] | None]:
@@ -163,7 +163,7 @@ def check_each(files: Sequence[Path], min_size: int, skip_bad_files: bool, same_
         sized, outliers = keep_one_size(sized, skip_bad_files)
         bad += outliers
     if not sized:
-        raise DataError(f"none of the {len(files)} images is usable; see the reasons above")
+        raise DataError(f"none of the {counted(len(files), 'image')} is usable; see the reasons above")
     return Checked([path for path, _ in sized], bad)
 
 

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from clusiam.backbones import build_backbone
 from clusiam.checkpoint import misfit
-from clusiam.errors import ConfigError
+from clusiam.errors import ConfigError, counted
 from clusiam.files import file_digest
 from clusiam.ledger import pretraining_slides
 from clusiam.mit import from_segformer_state
@@ -133,8 +133,8 @@ def tensors_only(state: dict[str, Any], path: Path) -> dict[str, Tensor]:
     """A state dict's tensors; anything else in it (a step count, a name) means it is not one."""
     others = [key for key, value in state.items() if not isinstance(value, Tensor)]
     if others:
-        raise ConfigError(f"--init {path} holds {len(others)} entries that are not tensors ({', '.join(others[:3])}): "
-                          "pass a state dict (the weights alone)")
+        raise ConfigError(f"--init {path} holds {counted(len(others), 'value')} other than tensors "
+                          f"({', '.join(others[:3])}): pass a state dict (the weights alone)")
     return state
 
 

@@ -29,9 +29,9 @@ from lightly.utils.dist import print_rank_zero
 from torch import nn
 
 from clusiam.checkpoint import load_pretrained
-from clusiam.distributed import add_dist_timeout, is_main, processes
+from clusiam.distributed import DEVICE_HELP, add_dist_timeout, is_main, processes
 from clusiam.embedding import MAX_POINTS, MIN_POINTS, SEED, Panel, embed, plot_panels
-from clusiam.errors import CommandParser, ConfigError, DataError, InRange, report_command_line
+from clusiam.errors import CommandParser, ConfigError, DataError, InRange, counted, report_command_line
 from clusiam.features import (
     FEATURE_TYPES,
     PixelFeatures,
@@ -42,7 +42,7 @@ from clusiam.features import (
 )
 from clusiam.files import check_output_folder, file_digest, make_folder
 from clusiam.initial_weights import read_initial_weights, start_from
-from clusiam.knn import BACKENDS, choose_backend, knn_predictions
+from clusiam.knn import BACKENDS, FAISS_GPU_MAX_K, choose_backend, knn_predictions
 from clusiam.ledger import SEEN_LABEL, SeenInPretraining, pretraining_slides
 from clusiam.linear_probe import SOLVERS, train_linear_probe
 from clusiam.metrics import (
@@ -92,13 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="neighbours; 1 is the paper's score (e.g. --k 1 5 20 200)")
     parser.add_argument("--feature", default="backbone", choices=FEATURE_TYPES,
                         help="backbone output (the paper's) or projector output")
-    parser.add_argument("--backend", default="auto", choices=["auto", *BACKENDS])
-    parser.add_argument("--device", default="auto", help="where features are computed: auto, cpu, cuda, cuda:N")
+    parser.add_argument("--backend", default="auto", choices=["auto", *BACKENDS],
+                        help=f"the exact neighbour search; auto: faiss-gpu (up to k = {FAISS_GPU_MAX_K}), else "
+                             "torch-cuda, else faiss-cpu, the first usable here")
+    parser.add_argument("--device", default="auto", help=f"where features are computed: {DEVICE_HELP}")
     parser.add_argument("--batch_size", type=int, default=256, action=InRange, at_least=1)
     parser.add_argument("--num_workers", type=int, default=4, action=InRange, at_least=0,
                         help="data loading processes (0 = in the main process)")
     parser.add_argument("--resize", type=int, default=None, action=InRange, at_least=1,
-                        help="bring every patch to N x N pixels before encoding (patches from slides are read so)")
+                        help="bring every patch to N x N pixels before encoding (patches from slides are read so; "
+                             "default: as they are)")
     parser.add_argument("--cache_dir", default=None, help="feature cache (default: OUT/cache)")
     parser.add_argument("--allow_overlap", action="store_true",
                         help="evaluate even when train and test share slides or files")
@@ -329,9 +332,9 @@ def below_random_init(encoders: Sequence[Encoder], rows: Sequence[dict]) -> list
             notes.append(
                 f"{row['encoder']}, {classifier_name(row)}: F1 {row['f1']:.4f} is below the random-init encoder's "
                 f"{baseline['f1']:.4f}. A random ResNet is a strong k-NN baseline on small sets of texture-like "
-                f"patches, and {epochs[row['encoder']]} epochs of pretraining often stay below it (the paper trained "
-                "50 epochs on about 2.6 M patches). A fault looks different: collapse warnings in the run, or probe "
-                "scores (pretrain.py --probe) that fall as training goes on")
+                f"patches, and an encoder after {counted(epochs[row['encoder']], 'epoch')} of pretraining often stays "
+                "below it (the paper trained 50 epochs on about 2.6 M patches). A fault looks different: collapse "
+                "warnings in the run, or probe scores (pretrain.py --probe) that fall as training goes on")
     return notes
 
 
@@ -422,8 +425,9 @@ def evaluate_on(device: torch.device, args: argparse.Namespace) -> dict | None:
     if draw:
         draw_embeddings(out, encoders, panels, len(shown), len(splits.test))
     elif args.embedding:
-        splits.warnings.append(f"no embedding map: the test split holds {len(splits.test)} patches, fewer than the "
-                               f"{MIN_POINTS} a UMAP needs")
+        held = counted(len(splits.test), "patch", "patches")
+        splits.warnings.append(f"no embedding map: the test split holds {held}, fewer than the {MIN_POINTS} a UMAP "
+                               "needs")
     report = {
         "train": {"source": str(args.train), **split_summary(splits.train)},
         "test": {"source": str(args.test), **split_summary(splits.test)},
@@ -443,8 +447,10 @@ def write_report(out: Path, report: dict) -> None:
     lines = [
         "# Patch classification: KNN and linear probe",
         "",
-        f"- train: `{train['source']}`: {train['patches']} patches from {train['slides']} slides {train['classes']}",
-        f"- test: `{test['source']}`: {test['patches']} patches from {test['slides']} slides {test['classes']}",
+        f"- train: `{train['source']}`: {counted(train['patches'], 'patch', 'patches')} from "
+        f"{counted(train['slides'], 'slide')} {train['classes']}",
+        f"- test: `{test['source']}`: {counted(test['patches'], 'patch', 'patches')} from "
+        f"{counted(test['slides'], 'slide')} {test['classes']}",
         f"- positive class: {positive}; search backend: {report['backend']}; features on {report['device']}",
         f"- each encoder's folder: confusion matrix and per-slide accuracy at k = {report['tables_k']} (and "
         "`linear_*` for the linear probe: C chosen on validation slides of the training split), `embedding.png`",

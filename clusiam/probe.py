@@ -27,7 +27,7 @@ import torch
 
 from clusiam.best import PROBE_KS, PURITY_TOP, score_names
 from clusiam.distributed import barrier, is_main, main_computes, share_main_buffers
-from clusiam.errors import DataError, UserError
+from clusiam.errors import DataError, UserError, counted
 from clusiam.features import assign_clusters, cluster_head, encode_shared
 from clusiam.images import check_images
 from clusiam.knn import choose_backend, knn_predictions
@@ -164,8 +164,8 @@ def plan_probe(args: argparse.Namespace) -> ProbePlan:
                         "table of patches from several slides")
     train, test = split_by_slide([patches.labels[i] for i in sample], slides, 2, SPLIT_SEED)
     if len(train) < max(PROBE_KS):
-        raise DataError(f"--probe {table}: its training half holds {len(train)} patches, fewer than the "
-                        f"k = {max(PROBE_KS)} the probe scores: use a table of more patches")
+        raise DataError(f"--probe {table}: its training half holds {counted(len(train), 'patch', 'patches')}, fewer "
+                        f"than the k = {max(PROBE_KS)} the probe scores: use a table of more patches")
     header, rows = table_rows(patches, sample)
     job = None if isinstance(patches.source, FolderSource) else table.parent
     return ProbePlan(header, [rows[i] for i in train], [rows[i] for i in test], job, positive, str(table),

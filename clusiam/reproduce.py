@@ -30,7 +30,8 @@ from pathlib import Path
 
 from clusiam.config import parse_config
 from clusiam.demo import prepare_demo
-from clusiam.errors import CommandParser, ConfigError, InRange, run_command
+from clusiam.distributed import DEVICE_HELP
+from clusiam.errors import CommandParser, ConfigError, InRange, counted, run_command
 from clusiam.files import check_output_folder, make_folder, write_atomically
 from clusiam.knn_eval import build_parser as knn_parser
 from clusiam.knn_eval import evaluate as knn_evaluate
@@ -72,17 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mil_patches", default=None,
                         help="patch folder of every labelled slide, for the DSMIL bags (default: DATA); DATA then "
                              "need hold only the slides to pretrain on")
-    parser.add_argument("--methods", nargs="+", default=list(PAPER), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=list(PAPER), choices=list(METHODS),
+                        help="the methods to pretrain and compare")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], action=InRange, at_least=0,
                         help="pretraining seeds: every method is pretrained once per seed")
     for name, value in PAPER_BUDGET.items():
         parser.add_argument(f"--{name}", type=int, default=None, action=InRange, at_least=1,
-                            help=f"pretraining budget (the paper's: {value}; the demo's: {DEMO_BUDGET[name]})")
+                            help=f"pretraining budget (default: the paper's {value} with DATA, the demo's "
+                                 f"{DEMO_BUDGET[name]} without)")
     parser.add_argument("--mil_epochs", type=int, default=50, action=InRange, at_least=1)
     parser.add_argument("--mil_seeds", type=int, default=3, action=InRange, at_least=1,
                         help="DSMIL runs per encoder (seeds 0 .. N-1)")
     parser.add_argument("--mil_folds", type=int, default=0, help="as mil.train --folds")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.add_argument("--num_workers", type=int, default=8, action=InRange, at_least=0)
     return parser
 
@@ -261,9 +264,9 @@ def markdown(table: dict) -> list[str]:
     head = ("tiny budget (the demo set), not the paper's" if table["tiny_budget"] else "budget")
     lines = [
         "# CluSiam / CluBYOL protocol, beside Wu et al. (ICCV 2023)", "",
-        f"- {head}: {budget['epochs']} epochs, batch {budget['batch_size']}, {budget['image_size']} px views, "
-        f"K = {budget['num_clusters']}, pretraining seeds {budget['seeds']}; DSMIL {budget['mil_epochs']} epochs x "
-        f"{budget['mil_seeds']} seeds",
+        f"- {head}: {counted(budget['epochs'], 'epoch')}, batch {budget['batch_size']}, {budget['image_size']} px "
+        f"views, K = {budget['num_clusters']}, pretraining seeds {budget['seeds']}; DSMIL "
+        f"{counted(budget['mil_epochs'], 'epoch')} x {counted(budget['mil_seeds'], 'seed')}",
         f"- data: `{table['data']['patches']}`; KNN {table['data']['knn_train']['patches']} train / "
         f"{table['data']['knn_test']['patches']} test patches; DSMIL split: {table['data']['split']}",
         f"- the paper: {table['paper_setting']['epochs']} epochs, batch {table['paper_setting']['batch_size']}, "

@@ -5,24 +5,34 @@ of patch files, and no patch is written to disk.
     SlideSource.checked(job_pairs(JOB_DIR))                       # python -m clusiam.tile --out JOB_DIR
     SlideSource.checked(folder_pairs(COORDS_DIR, SLIDES_DIR))     # TRIDENT's or CLAM's coordinates
 
-Checks are per slide, before training: the slide opens, it is the slide its coordinates were
-made from (the level-0 size, where the file records it), no patch lies wholly outside it,
-and the patches of all slides have one size. A patch that reaches past the slide's edge
-(TRIDENT's grid runs while x < width; CLAM pads) is read padded with black, as TRIDENT and
-CLAM read it through OpenSlide. A slide that fails is a named error, or with ``skip`` left
-out and listed. Each process (and DataLoader worker) keeps its own slides open, the least
-recently used closed beyond ``open_slides``; the training order (:mod:`clusiam.order`) keeps
-each worker on a few slides at a time.
+Checks are per slide: the slide opens, it is the slide its coordinates were made from (the
+level-0 size, where the file records it), the tiles of the level its patches are read from
+lie within the file, no patch lies wholly outside it, and the patches of all slides have one
+size. They run on every core, and each slide's verdict is kept (:mod:`clusiam.kept`) under
+its file's and its coordinate file's size and modification time, so that a cohort is
+checked once, not once per run; a changed file is checked again. Opening a scanner-size
+slide costs about 60 ms of parsing (tifffile reads every level's tile index), two minutes of
+one core for 2,000 slides: pretraining (``defer``) leaves a slide whose coordinate file
+records its size and field of view (TRIDENT's, the tiler's) to the process that first opens
+it to read, which checks it then, before reading any of its pixels. A patch that reaches
+past the slide's edge (TRIDENT's grid runs while x < width; CLAM pads) is read padded with
+black, as TRIDENT and CLAM read it through OpenSlide. A slide that fails is a named error,
+or with ``skip`` left out and listed. Each process (and DataLoader worker) keeps its own
+slides open, the least recently used closed beyond ``open_slides``; the training order
+(:mod:`clusiam.order`) keeps each worker on a few slides at a time.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import hashlib
 import json
+import multiprocessing
 import os
 from collections import OrderedDict
 from collections.abc import Collection, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,12 +41,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from clusiam.coords import COORDS, JOB_FILE, SlideCoords, read_coords
-from clusiam.errors import ConfigError, DataError, UserError
+from clusiam.errors import ConfigError, DataError, SlideError, UserError
 from clusiam.files import find_files
 from clusiam.images import Checked
-from clusiam.slides import SLIDE_EXTENSIONS, LevelTiles, PatchReader, SlideLevel, open_level, open_slide
+from clusiam.kept import Kept, key_of
+from clusiam.machine import cores
+from clusiam.slides import SLIDE_EXTENSIONS, LevelTiles, PatchReader, SlideLevel, level_of, open_slide
 from clusiam.sources import PatchSource
-from clusiam.storage import join, location, version
+from clusiam.storage import absolute, join, location, version
 
 # Slides each process keeps open by default (least recently used closed first); an open
 # scanner-size slide costs a few MiB when read tile by tile (clusiam.slides.LevelTiles).
@@ -47,17 +59,26 @@ Pair = tuple[Path, Path]  # a slide file and its coordinate file
 
 @dataclass(frozen=True)
 class SlidePatches:
-    """One checked slide: its file, how its patches are read, their corners (level-0 pixels)."""
+    """One slide's patches: its file, its coordinate file as read, the corners (level-0 pixels)
+    read, at ``size`` px, and how its pyramid gives them (None: not checked yet, found by the
+    process that opens the slide)."""
 
     path: Path
-    name: str
-    reader: PatchReader
+    listed: SlideCoords
     coords: np.ndarray
+    size: int
+    reader: PatchReader | None = None
+
+    @property
+    def name(self) -> str:
+        return self.listed.name
 
     def key(self) -> str:
-        """A key that changes with the slide's file (path, size, modification time), how its
-        patches are read, or any corner: for caches and reruns that must not reuse stale work."""
-        digest = hashlib.sha256(f"{self.path}\t{version(self.path)}\t{self.reader}\n".encode())
+        """A key that changes with the slide's file (path, size, modification time), what a patch
+        covers, or any corner: for caches and reruns that must not reuse stale work."""
+        listed = self.listed
+        digest = hashlib.sha256(f"{self.path}\t{version(self.path)}\t{listed.side0}\t{listed.clam_level}\t"
+                                f"{listed.size}\t{self.size}\n".encode())
         digest.update(np.ascontiguousarray(self.coords).tobytes())
         return digest.hexdigest()
 
@@ -120,35 +141,126 @@ def slide_name(coords_path: Path, slides: Collection[str]) -> str:
     return stem
 
 
-def check_slide(slide_path: Path, coords_path: Path, size: int | None, skip: bool,
-                skip_advice: str | None) -> tuple[SlidePatches, int]:
-    """One slide and its coordinates, checked; the patches wholly outside it left out under
-    ``skip`` (and counted) or refused, with ``skip_advice`` (the flag that leaves them out,
-    where the command has one)."""
-    entry: SlideCoords = read_coords(coords_path)
+def slide_reader(slide, slide_path: Path, listed: SlideCoords, size: int) -> PatchReader:
+    """How ``listed``'s patches are read from the open ``slide`` at ``size`` px; refused when
+    the coordinate file records the size of another slide."""
+    width, height = slide.dimensions
+    if listed.level0_size not in (None, (width, height)):
+        raise DataError(f"{listed.path} was made from a slide of {listed.level0_size[0]} x {listed.level0_size[1]} "
+                        f"pixels, but {slide_path} is {width} x {height}: pair each coordinate file with its own slide")
+    return listed.reader(slide, size)
+
+
+def slide_verdict(slide_path: Path, listed: SlideCoords, size: int) -> dict:
+    """The slide opened and checked (see the module's docstring): its level-0 size and how its
+    patches are read, as kept."""
     slide = open_slide(slide_path)
     try:
+        reader = slide_reader(slide, slide_path, listed, size)
         width, height = slide.dimensions
-        if entry.level0_size not in (None, (width, height)):
-            raise DataError(f"{coords_path} was made from a slide of {entry.level0_size[0]} x {entry.level0_size[1]} "
-                            f"pixels, but {slide_path} is {width} x {height}: pair each coordinate file with its "
-                            "own slide")
-        reader = entry.reader(slide, size)
-        tiles = LevelTiles.of(slide, reader.level, slide_path)  # refuses a truncated file
-        if tiles is not None:
-            tiles.close()
-    finally:
+    except BaseException:
         slide.close()
-    x, y = entry.coords[:, 0], entry.coords[:, 1]
-    overlaps = (x < width) & (y < height) & (x + reader.side0 > 0) & (y + reader.side0 > 0)
+        raise
+    level_of(slide, slide_path, reader.level).close()  # refuses a truncated file
+    return {"width": width, "height": height, "reader": dataclasses.asdict(reader)}
+
+
+def open_patches(entry: SlidePatches) -> tuple[LevelTiles | SlideLevel, PatchReader]:
+    """The level of ``entry``'s slide its patches are read from, and how: the slide checked
+    again as it opens (the check of a slide left to its first reader)."""
+    slide = open_slide(entry.path)
+    try:
+        reader = slide_reader(slide, entry.path, entry.listed, entry.size)
+        if entry.reader not in (None, reader):
+            raise DataError(f"{entry.path} changed since it was checked (its patches are now read as {reader}, not "
+                            f"{entry.reader}): start the run again")
+    except BaseException:
+        slide.close()
+        raise
+    return level_of(slide, entry.path, reader.level), reader
+
+
+CHECKS = Kept("slide_checks")
+
+
+def check_key(slide_path: Path, listed: SlideCoords, size: int) -> str | UserError:
+    """What a slide's verdict is kept under: both files (path, size, modification time) and the
+    patch size; the error of a slide that is not there."""
+    try:
+        slide_version = version(slide_path)
+    except OSError as error:
+        return SlideError(f"{slide_path}: not a readable slide ({type(error).__name__}: {error.strerror or error})")
+    return key_of(absolute(slide_path), slide_version, absolute(listed.path), version(listed.path), size)
+
+
+def verdict_or_error(slide_path: Path, listed: SlideCoords, size: int) -> dict | UserError:
+    """:func:`slide_verdict`, or the error that refuses the slide (for a pool of processes to return)."""
+    try:
+        return slide_verdict(slide_path, listed, size)
+    except UserError as error:
+        return error
+
+
+def verdicts(checks: Sequence[tuple[Path, SlideCoords, int]]) -> list[dict | UserError]:
+    """:func:`verdict_or_error` of each (slide, coordinates, size), in order, on every core."""
+    if not checks:
+        return []
+    processes = min(len(checks), cores())
+    bar = functools.partial(tqdm, total=len(checks), desc="checking slides", unit="slide")
+    if processes <= 1:
+        return [verdict_or_error(*check) for check in bar(checks)]
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork")) as pool:
+        return list(bar(pool.map(verdict_or_error, *zip(*checks), chunksize=4)))
+
+
+def kept_verdicts(slides: Sequence[Path], coords: Sequence[SlideCoords | UserError], size: int | None,
+                  defer: bool) -> list[dict | UserError | None]:
+    """Each slide's verdict: kept from an earlier check of the same files, else checked now and
+    kept; None for a slide whose check ``defer`` leaves to its first reader (its coordinate
+    file records its size and field of view); the error of a slide that is not there or whose
+    coordinates could not be read."""
+    keys = [listed if isinstance(listed, UserError) else check_key(slide, listed, size or listed.size)
+            for slide, listed in zip(slides, coords)]
+    found: dict[str, dict | UserError] = CHECKS.get(key for key in keys if isinstance(key, str))
+    needed = [i for i, (key, listed) in enumerate(zip(keys, coords)) if isinstance(key, str) and key not in found
+              and not (defer and listed.level0_size and listed.side0)]
+    checked = verdicts([(slides[i], coords[i], size or coords[i].size) for i in needed])
+    fresh = {keys[i]: verdict for i, verdict in zip(needed, checked)}
+    CHECKS.put({key: verdict for key, verdict in fresh.items() if not isinstance(verdict, UserError)})
+    found.update(fresh)
+    return [found.get(key) if isinstance(key, str) else key for key in keys]
+
+
+def coords_or_error(coords_path: Path) -> SlideCoords | UserError:
+    """The coordinate file read, or why it cannot be."""
+    try:
+        return read_coords(coords_path)
+    except UserError as error:
+        return error
+    except OSError as error:  # gone since it was listed
+        return DataError(f"{coords_path}: cannot be read ({error.strerror or error})")
+
+
+def slide_patches(slide_path: Path, listed: SlideCoords, size: int, verdict: dict | None, skip: bool,
+                  skip_advice: str | None) -> tuple[SlidePatches, int]:
+    """The patches of a checked slide, and how many lie wholly outside it, which ``skip``
+    leaves out or else are refused, with ``skip_advice`` (the flag that leaves them out, where
+    the command has one). Without a ``verdict`` (left to the first reader) the slide's size is
+    the one its coordinate file records."""
+    reader = None if verdict is None else PatchReader(**verdict["reader"])
+    width, height = listed.level0_size if verdict is None else (verdict["width"], verdict["height"])
+    side0 = listed.side0 if reader is None else reader.side0
+    x, y = listed.coords[:, 0], listed.coords[:, 1]
+    overlaps = (x < width) & (y < height) & (x + side0 > 0) & (y + side0 > 0)
     outside = int((~overlaps).sum())
     if outside and not skip:
-        first = entry.coords[~overlaps][0]
+        first = listed.coords[~overlaps][0]
         advice = f"; {skip_advice}" if skip_advice else ""
-        raise DataError(f"{coords_path}: {outside} of {len(overlaps)} patches lie wholly outside {slide_path} "
-                        f"({width} x {height}; e.g. ({first[0]}, {first[1]}) with a side of {reader.side0:g}): "
+        raise DataError(f"{listed.path}: {outside} of {len(overlaps)} patches lie wholly outside {slide_path} "
+                        f"({width} x {height}; e.g. ({first[0]}, {first[1]}) with a side of {side0:g}): "
                         f"is this the right slide?{advice}")
-    return SlidePatches(slide_path, entry.name, reader, entry.coords[overlaps]), outside
+    corners = listed.coords[overlaps] if outside else listed.coords
+    return SlidePatches(slide_path, dataclasses.replace(listed, coords=corners[:0]), corners, size, reader), outside
 
 
 class SlideSource(PatchSource):
@@ -157,27 +269,33 @@ class SlideSource(PatchSource):
     def __init__(self, slides: Sequence[SlidePatches]) -> None:
         self.entries = list(slides)
         self.open_slides = OPEN_SLIDES  # slides this process keeps open (pretraining: by --slides_per_batch)
-        sizes = {entry.reader.size for entry in self.entries}
+        sizes = {entry.size for entry in self.entries}
         if len(sizes) > 1:
             raise DataError(f"the coordinate files give patches of {len(sizes)} sizes ({sorted(sizes)} px): read all "
                             "of them at one size: with --patch_size N in pretrain.py, with --resize N in "
                             "evaluate_knn.py or python -m mil.compute_feats")
         self.offsets = np.cumsum([0, *(len(entry.coords) for entry in self.entries)])
-        self._handles: OrderedDict[Path, LevelTiles | SlideLevel] = OrderedDict()
+        self._handles: OrderedDict[Path, tuple[LevelTiles | SlideLevel, PatchReader]] = OrderedDict()
         self._unopenable: dict[Path, object] = {}  # slides this process could not open, and why
         self._pid = os.getpid()
 
     @classmethod
     def checked(cls, pairs: Sequence[tuple[Path, Path]], size: int | None = None, skip: bool = False,
-                skip_advice: str | None = None) -> tuple[SlideSource, Checked]:
-        """A source over ``pairs`` of (slide, coordinate file), and the verdict per slide in the
-        form the patch-file check gives it, so that a run reports both alike: the slides used
-        in full, and each slide or coordinate file that ``skip`` left out in whole or in part,
+                skip_advice: str | None = None, defer: bool = False) -> tuple[SlideSource, Checked]:
+        """A source over ``pairs`` of (slide, coordinate file), each checked (:func:`kept_verdicts`;
+        ``defer`` leaves some to their first reader), and the verdict per slide in the form
+        the patch-file check gives it, so that a run reports both alike: the slides used in
+        full, and each slide or coordinate file that ``skip`` left out in whole or in part,
         with why. ``skip_advice`` ends a refusal where the command can leave bad slides out."""
+        coords = [coords_or_error(coords_path) for _, coords_path in tqdm(pairs, desc="reading coordinates",
+                                                                           unit="slide")]
+        checks = kept_verdicts([slide for slide, _ in pairs], coords, size, defer)
         kept, complete, left_out = [], [], []
-        for slide_path, coords_path in tqdm(pairs, desc="checking slides", unit="slide"):
+        for (slide_path, coords_path), listed, verdict in zip(pairs, coords, checks):
             try:
-                entry, outside = check_slide(slide_path, coords_path, size, skip, skip_advice)
+                if isinstance(verdict, UserError):
+                    raise verdict
+                entry, outside = slide_patches(slide_path, listed, size or listed.size, verdict, skip, skip_advice)
             except UserError as error:
                 if not skip:
                     raise
@@ -191,7 +309,8 @@ class SlideSource(PatchSource):
             kept.append(entry)
         if not kept:
             first = f"; first: {left_out[0][0]}: {left_out[0][1]}" if left_out else ""
-            raise DataError(f"none of the {len(pairs)} slides can be read{first}")
+            which = "the one slide cannot" if len(pairs) == 1 else f"none of the {len(pairs):,} slides can"
+            raise DataError(f"{which} be read{first}")
         return cls(kept), Checked(complete, left_out)
 
     def __len__(self) -> int:
@@ -220,19 +339,43 @@ class SlideSource(PatchSource):
             places = np.flatnonzero(slides == slide)
             entry = self.entries[slide]
             corners = entry.coords[np.asarray(indices)[places] - self.offsets[slide]]
-            level = self._open(entry)
+            level, reader = self._open(entry)
             try:
-                pixels = entry.reader.pixels(level, corners.tolist())
+                pixels = reader.pixels(level, corners.tolist())
             except Exception as error:  # a slide changed, or failing mid-read: name it (and the patch, if one)
                 self._handles.pop(entry.path, None)
                 where = f" at ({corners[0][0]}, {corners[0][1]})" if len(corners) == 1 else ""
                 raise DataError(f"{entry.path}{where}: could not be read ({type(error).__name__}: {error})") from None
             for place, patch in zip(places, pixels):
-                patches[place] = patch if as_stored else entry.reader.resized(patch)
+                patches[place] = patch if as_stored else reader.resized(patch)
         return patches
 
     def slide_sizes(self) -> list[int]:
         return [len(entry.coords) for entry in self.entries]
+
+    # The statistics read slide by slide: 64 draws of a slide, each slide drawn with a chance
+    # proportional to its patches, then 64 of its patches drawn uniformly for each time it was
+    # drawn, so that every patch is as likely to be read and the pooled pixels estimate the
+    # whole set's. Opening a scanner-size slide costs more than reading 100 patches of an open
+    # one, so this reads 4,096 patches from at most 64 slides in about the time a uniform
+    # sample of 20,000 (from 2,000 slides) spends opening slides; the estimate's standard
+    # error, between slides, is said with it (benchmarks/startup.py, RESULTS.md).
+    statistics_patches = 64 * 64
+    PATCHES_PER_DRAW = 64
+
+    def statistics_sample(self, size: int, seed: int) -> np.ndarray:
+        sizes = np.asarray(self.slide_sizes())
+        if len(self) <= size:
+            return np.arange(len(self))
+        rng = np.random.default_rng(seed)
+        draws = rng.multinomial(-(-size // self.PATCHES_PER_DRAW), sizes / sizes.sum())
+        return np.concatenate([start + np.sort(rng.choice(count, min(count, drawn * self.PATCHES_PER_DRAW),
+                                                          replace=False))
+                               for start, count, drawn in zip(self.offsets, sizes, draws) if drawn])
+
+    def sample_groups(self, indices: np.ndarray) -> np.ndarray:
+        """The slide of each patch: the statistics' draws are slides."""
+        return np.searchsorted(self.offsets, indices, side="right") - 1
 
     def describe(self, index: int) -> str:
         entry, x, y = self.locate(index)
@@ -243,9 +386,9 @@ class SlideSource(PatchSource):
         slide = int(np.searchsorted(self.offsets, index, side="right")) - 1
         return int(self.offsets[slide + 1]) if self.entries[slide].path in self._unopenable else index + 1
 
-    def _open(self, entry: SlidePatches) -> LevelTiles | SlideLevel:
-        """This process's reader of ``entry``'s level: opened once, the least recently used
-        closed beyond ``open_slides``."""
+    def _open(self, entry: SlidePatches) -> tuple[LevelTiles | SlideLevel, PatchReader]:
+        """This process's reader of ``entry``'s level, and how its patches are read: opened once
+        (:func:`open_patches`), the least recently used closed beyond ``open_slides``."""
         if os.getpid() != self._pid:  # a forked DataLoader worker: the parent's handles are not ours
             self._handles, self._unopenable, self._pid = OrderedDict(), {}, os.getpid()
         path = entry.path
@@ -254,13 +397,13 @@ class SlideSource(PatchSource):
             return self._handles[path]
         if path not in self._unopenable:
             try:
-                self._handles[path] = open_level(path, entry.reader.level)
+                self._handles[path] = open_patches(entry)
             except Exception as error:  # gone, or no longer a slide: every patch of it fails alike
                 self._unopenable[path] = error if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
         if path in self._unopenable:
-            raise DataError(f"{path}: cannot be opened any more ({self._unopenable[path]})")
+            raise DataError(f"{path}: cannot be opened ({self._unopenable[path]})")
         while len(self._handles) > self.open_slides:
-            self._handles.popitem(last=False)[1].close()
+            self._handles.popitem(last=False)[1][0].close()
         return self._handles[path]
 
     def __getstate__(self) -> dict:  # a spawned worker opens its own slides
@@ -274,7 +417,7 @@ class SlideSource(PatchSource):
     @property
     def patch_size(self) -> int:
         """The side of every patch, in pixels (one for all slides)."""
-        return self.entries[0].reader.size
+        return self.entries[0].size
 
     @property
     def slides(self) -> list[str]:

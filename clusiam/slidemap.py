@@ -24,8 +24,8 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 from clusiam.checkpoint import load_pretrained
-from clusiam.distributed import resolve_device
-from clusiam.errors import DataError, UserError, run_command
+from clusiam.distributed import DEVICE_HELP, resolve_device
+from clusiam.errors import CommandParser, DataError, UserError, run_command
 from clusiam.features import cluster_head, encode
 from clusiam.files import check_output_folder, make_folder
 from clusiam.slide_source import SlideSource, job_pairs
@@ -127,7 +127,7 @@ def paint(thumbnail: Image.Image, coords: np.ndarray, side: float, colours: np.n
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m clusiam.slidemap", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="python -m clusiam.slidemap", description=__doc__.split("\n\n")[0])
     parser.add_argument("--job", type=Path, required=True, help="the tiling job (python -m clusiam.tile --out JOB)")
     parser.add_argument("--slide", required=True, help="the slide: its name in the job, or its file")
     parser.add_argument("--out", type=Path, required=True)
@@ -137,8 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--annotations", type=Path, default=None,
                         help="annotation file or folder (ASAP XML / GeoJSON) to outline")
     parser.add_argument("--map_mpp", type=float, default=4.0, help="resolution of the picture (um/px)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--device", default="auto", help=f"where the clusters are computed: {DEVICE_HELP}")
+    parser.add_argument("--batch_size", type=int, default=256, help="with --checkpoint: patches encoded at a time")
     return parser
 
 

@@ -214,9 +214,14 @@ class LevelTiles:
 
 
 def open_level(path: Path, level: int) -> LevelTiles | SlideLevel:
-    """One level of the slide at ``path``, ready to read regions from: tile by tile where the
-    file allows it (:class:`LevelTiles`, the parsed file then closed), else through the slide library."""
-    slide = open_slide(path)
+    """One level of the slide at ``path``, ready to read regions from (see :func:`level_of`)."""
+    return level_of(open_slide(path), path, level)
+
+
+def level_of(slide, path: Path, level: int) -> LevelTiles | SlideLevel:
+    """One level of the open ``slide`` (its file at ``path``), which it takes over: read tile by
+    tile where the file allows it (:class:`LevelTiles`, the parsed file then closed), else
+    through the slide library."""
     try:
         tiles = LevelTiles.of(slide, level, path)
     except BaseException:

@@ -12,6 +12,7 @@ import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -19,9 +20,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from clusiam.errors import DataError
-from clusiam.files import file_list_key, read_cache, write_cache
+from clusiam.errors import DataError, counted
+from clusiam.files import file_list_key
 from clusiam.images import load_rgb
+from clusiam.kept import Kept, key_of
 
 
 class SkipLog:
@@ -69,6 +71,17 @@ class PatchSource(ABC):
     def patch_size(self) -> int | None:
         """The side of every patch as :meth:`read` gives it, where :meth:`pixels` may give more; None: as stored."""
         return None
+
+    statistics_patches = 20_000  # patches the channel statistics sample by default (see STATISTICS_SAMPLE)
+
+    def statistics_sample(self, size: int, seed: int) -> np.ndarray:
+        """The patches the channel statistics read: ``size`` drawn uniformly (:func:`seeded_sample`)."""
+        return seeded_sample(len(self), size, seed)
+
+    def sample_groups(self, indices: np.ndarray) -> np.ndarray:
+        """Which draw of :meth:`statistics_sample` each of ``indices`` came from, for the standard
+        error of the statistics: each patch its own, where patches are drawn one by one."""
+        return np.arange(len(indices))
 
     def slide_sizes(self) -> list[int] | None:
         """The patches of each slide, when the patches are slide after slide and cheap to read
@@ -144,7 +157,8 @@ class TransformedPatches(Dataset):
                 if self.stand_in is not None:
                     return self.stand_in
                 position = self.source.next_to_try(position) % len(self.source)
-        raise DataError(f"none of the {len(self.source)} patches can be read; see {self.skipped.path}")
+        raise DataError(f"none of the {counted(len(self.source), 'patch', 'patches')} can be read; see "
+                        f"{self.skipped.path}")
 
 
 class FolderSource(PatchSource):
@@ -180,54 +194,77 @@ def _pixel_moments(image: Image.Image) -> torch.Tensor:
     return torch.cat([pixels.sum(0), (pixels**2).sum(0), count])
 
 
-# The statistics are those of a seeded random sample of at most this many patches. A channel's
-# mean over 20,000 patches lies within about 0.001 of the whole set's (the means of the CC0
-# slide's 64 px patches spread by 0.10-0.14, and 0.14 / sqrt(20,000) = 0.001; on 100,000 of
-# them the sample's mean and std were within 0.0007). Reading 20,000 takes 5 s from 64 px files
-# and 43 s from slides at 224 px on two cores, against 22 s for all 100,000 files and over half
-# an hour for a million patches from slides (benchmarks/startup.py, RESULTS.md).
-STATISTICS_SAMPLE = 20_000
+# A folder's statistics are those of a seeded random sample of at most 20,000 patches
+# (PatchSource.statistics_patches). A channel's mean over 20,000 patches lies within about
+# 0.001 of the whole set's (the means of the CC0 slide's 64 px patches spread by 0.10-0.14,
+# and 0.14 / sqrt(20,000) = 0.001; on 100,000 of them the sample's mean and std were within
+# 0.0007); reading them takes 5 s from 64 px files on two cores. Slides sample fewer patches,
+# slide by slide (SlideSource.statistics_sample): benchmarks/startup.py, RESULTS.md.
+STATISTICS_SAMPLE = PatchSource.statistics_patches
 STATISTICS_SEED = 0
+
+
+class Statistics(NamedTuple):
+    """Per-channel mean and std of pixel values in [0, 1], and the mean's standard error
+    (between the sample's draws: patches, or a slide source's slides)."""
+
+    mean: list[float]
+    std: list[float]
+    mean_error: list[float] | None  # None from a single draw
+    patches: int
+    draws: int
+
+    def __str__(self) -> str:
+        error = "none from one draw" if self.mean_error is None else np.round(self.mean_error, 4).tolist()
+        return (f"mean {np.round(self.mean, 4).tolist()} (standard error {error}), std "
+                f"{np.round(self.std, 4).tolist()}, from {counted(self.patches, 'patch', 'patches')} in "
+                f"{counted(self.draws, 'draw')}")
 
 
 def seeded_sample(count: int, sample_size: int, seed: int) -> np.ndarray:
     """Indices of a sample of ``count`` patches: all of them, or ``sample_size`` drawn without
     replacement by ``seed``, sorted (a slide source then reads slide by slide, its workers
-    keeping few slides open). The statistics, the probes and the embedding maps sample so."""
+    keeping few slides open). The statistics of a folder, the probes and the embedding maps sample so."""
     if count <= sample_size:
         return np.arange(count)
     return np.sort(np.random.default_rng(seed).choice(count, sample_size, replace=False))
 
 
 def channel_statistics(source: PatchSource, num_workers: int = 0, skipped: SkipLog | None = None,
-                       sample_size: int = STATISTICS_SAMPLE,
-                       seed: int = STATISTICS_SEED) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std over every pixel of the patches :func:`seeded_sample`
-    picks (values in [0, 1]); with ``skipped``, over those that can be read (the others are
+                       sample_size: int | None = None, seed: int = STATISTICS_SEED) -> Statistics:
+    """Per-channel mean and std over every pixel of the patches the source's
+    :meth:`~PatchSource.statistics_sample` picks (``sample_size``, default the source's
+    ``statistics_patches``); with ``skipped``, over those that can be read (the others are
     listed there)."""
+    sample = source.statistics_sample(sample_size or source.statistics_patches, seed)
+    groups = np.unique(source.sample_groups(sample), return_inverse=True)[1].reshape(-1)
     dataset = source.dataset(_pixel_moments, skipped, stand_in=torch.zeros(7, dtype=torch.float64))
-    sample = Subset(dataset, seeded_sample(len(source), sample_size, seed).tolist())
-    loader = DataLoader(sample, batch_size=64, num_workers=num_workers, shuffle=False)
-    total = torch.zeros(7, dtype=torch.float64)
+    loader = DataLoader(Subset(dataset, sample.tolist()), batch_size=64, num_workers=num_workers, shuffle=False)
+    totals = np.zeros((groups.max(initial=0) + 1, 7))
+    done = 0
     for moments in tqdm(loader, desc="channel statistics", unit="batch"):
-        total += moments.sum(0)
-    count = total[6]
-    mean = total[:3] / count
-    std = (total[3:6] / count - mean**2).clamp(min=0).sqrt()
-    return mean.tolist(), std.tolist()
+        np.add.at(totals, groups[done:done + len(moments)], moments.numpy())
+        done += len(moments)
+    count = totals[:, 6].sum()
+    mean = totals[:, :3].sum(0) / count
+    std = np.sqrt(np.clip(totals[:, 3:6].sum(0) / count - mean**2, 0, None))
+    draws = len(totals)
+    residuals = totals[:, :3] - mean * totals[:, 6:7]  # the ratio estimator's linearisation, draw by draw
+    error = np.sqrt(draws / (draws - 1) * (residuals**2).sum(0)) / count if draws > 1 else None
+    return Statistics(mean.tolist(), std.tolist(), None if error is None else error.tolist(), len(sample), draws)
 
 
-def cached_channel_statistics(source: PatchSource, cache_path: Path, num_workers: int = 0,
-                              skipped: SkipLog | None = None, sample_size: int = STATISTICS_SAMPLE,
-                              seed: int = STATISTICS_SEED) -> tuple[list[float], list[float]]:
-    """:func:`channel_statistics`, reused from ``cache_path`` when it was computed over a
-    source of the same identity with the same sample (its size and seed, which the cache
-    records), and recomputed otherwise."""
-    sample = {"file_list_key": source.identity, "num_files": len(source),
-              "sample_size": min(len(source), sample_size), "sample_seed": seed}
-    cached = read_cache(cache_path)
-    if {name: cached.get(name) for name in sample} == sample:
-        return cached["mean"], cached["std"]
-    mean, std = channel_statistics(source, num_workers, skipped, sample_size, seed)
-    write_cache(cache_path, {**sample, "mean": mean, "std": std})
-    return mean, std
+STATISTICS = Kept("channel_statistics")
+
+
+def cached_channel_statistics(source: PatchSource, num_workers: int = 0, skipped: SkipLog | None = None,
+                              sample_size: int | None = None, seed: int = STATISTICS_SEED) -> Statistics:
+    """:func:`channel_statistics`, kept (:mod:`clusiam.kept`) for any later run over a source of
+    the same identity with the same sample (its size and seed), and said on the console."""
+    key = key_of(source.identity, len(source), sample_size or source.statistics_patches, seed)
+    kept = STATISTICS.get([key]).get(key)
+    statistics = Statistics(**kept) if kept else channel_statistics(source, num_workers, skipped, sample_size, seed)
+    if not kept:
+        STATISTICS.put({key: statistics._asdict()})
+    print(f"channel statistics{' (kept from an earlier run)' if kept else ''}: {statistics}")
+    return statistics

@@ -91,6 +91,12 @@ def readable(path: Path) -> Path | BinaryIO:
     return path if is_local(path) else open_binary(path)
 
 
+def absolute(path: Path) -> str:
+    """``path`` as it names one file from anywhere: a local path made absolute (links not
+    resolved), a URL as it is."""
+    return os.path.abspath(path) if is_local(path) else str(path)
+
+
 def version(path: Path) -> str:
     """What changes when the file at ``path`` does: its size and modification time (nanoseconds
     locally), for a remote file its ETag where the store gives one."""

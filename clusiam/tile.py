@@ -56,8 +56,9 @@ from clusiam.coords import (
     trident_folders,
     write_link,
 )
-from clusiam.errors import ConfigError, DataError, run_command
+from clusiam.errors import CommandParser, ConfigError, DataError, counted, run_command
 from clusiam.files import check_output_folder, find_files, make_folder, write_atomically
+from clusiam.machine import default_processes
 from clusiam.slides import (
     SLIDE_EXTENSIONS,
     LevelTiles,
@@ -89,6 +90,9 @@ PICTURE_PIXELS = 2**22  # thumbnails/<slide>.png larger than this are shrunk by 
 # available memory divided by this where that is less.
 SLIDE_PEAK_MIB = 768
 TILING_RECORD = "clusiam_tiling"  # attribute of a coordinate file: what made it, and its row of tiles.csv
+# Raised when the same options give other coordinates, so that a job run again re-tiles the
+# slides an older tiler made (2: --min_tissue 0 keeps only the tiles that touch tissue).
+TILER_VERSION = 2
 
 
 def option(default: Any, help: str, rule: tuple[Callable[[Any], bool], str] | None = None, **argparse_options) -> Any:
@@ -151,8 +155,10 @@ class TilingOptions:
     size: int = option(224, "patch side in pixels", (lambda v: v >= 1, "at least 1 pixel"))
     overlap: float = option(0.0, "fraction of a tile shared with its neighbour",
                             (lambda v: 0 <= v < 1, "in [0, 1): the share of a tile its neighbour repeats"))
-    min_tissue: float = option(0.6, "keep tiles with at least this tissue fraction (0.6 keeps half-glass edge tiles "
-                               "out)", (lambda v: 0 <= v <= 1, "in [0, 1]: the tissue fraction a kept tile needs"))
+    min_tissue: float = option(
+        0.6, "keep tiles with at least this tissue fraction (0.6 keeps half-glass edge tiles out); 0 keeps every tile "
+        "that touches tissue, as TRIDENT's 0 does, and no tile of glass alone",
+        (lambda v: 0 <= v <= 1, "in [0, 1]: the tissue fraction a kept tile needs"))
     mask_mpp: float = option(4.0, "resolution of the tissue mask (um/px)",
                              (lambda v: v > 0, "above 0 (4 um/px is the default)"))
     min_object_um2: float = option(20000.0, "tissue pieces smaller than this are dropped", at_least(0))
@@ -169,7 +175,8 @@ class TilingOptions:
     image_format: str = option("png", "patch file format", flag="format", choices=["png", "jpeg"])
     label_threshold: float = option(0.5, "tumour fraction from which a tile is labelled tumor",
                                     (lambda v: 0 < v <= 1, "in (0, 1]: the tumour fraction from which a tile is tumor"))
-    annotations: Path | None = option(None, "folder of <slide>.xml (ASAP) or <slide>.geojson", type=Path)
+    annotations: Path | None = option(None, "folder of <slide>.xml (ASAP) or <slide>.geojson tumour annotations, "
+                                      "which label the patches (default: no labels)", type=Path)
     coords_only: bool = option(False, "write coordinates, thumbnails and tables but no patch image (readers "
                                "read the patches from the slides)", action="store_true")
 
@@ -386,13 +393,13 @@ def tile_slide(path: Path, job: Path, slide_class: str | None, options: TilingOp
 
 
 def slide_record(path: Path, slide_class: str | None, options: TilingOptions) -> dict:
-    """What a slide's coordinates are made from, as JSON holds it: the slide file (where it leads,
-    its size and modification time), its class, its annotation file's and every tiling option
-    (of a --slide_mpp CSV, this slide's value). Equal records: the same coordinates, patches,
+    """What a slide's coordinates are made from, as JSON holds it: the tiler's version, the slide
+    file (where it leads, its size and modification time), its class, its annotation file's and
+    every tiling option (of a --slide_mpp CSV, this slide's value). Equal records: the same coordinates, patches,
     thumbnail and row."""
     annotations = annotation_file(options.annotations, path.stem)
     slide_mpp = options.slide_mpp.get(path.stem) if isinstance(options.slide_mpp, dict) else options.slide_mpp
-    record = {"file": file_stamp(path), "class": slide_class,
+    record = {"tiler": TILER_VERSION, "file": file_stamp(path), "class": slide_class,
               "annotations": None if annotations is None else file_stamp(annotations),
               "options": {**plain_options(options), "slide_mpp": slide_mpp}}
     return json.loads(json.dumps(record))
@@ -519,10 +526,12 @@ def mask_scale(width: int, height: int, scale: float) -> float:
 
 
 def tissue_tiles(mask: np.ndarray, plan: ReadPlan, min_tissue: float) -> tuple[np.ndarray, list[float]]:
-    """The grid's tiles with at least ``min_tissue`` of their area in the tissue mask: their
-    top-left corners (N, 2) in level-0 pixels, and their tissue fractions. A tile covers the
-    mask pixels from the one its corner lies in to the one before its far edge (at least one),
-    those inside the mask; a grid row's fractions come from running sums over its band of rows."""
+    """The grid's tiles with at least ``min_tissue`` of their area in the tissue mask, and some
+    tissue (``min_tissue`` 0 keeps the tiles that touch tissue, as TRIDENT's 0 does, not the
+    glass): their top-left corners (N, 2) in level-0 pixels, and their tissue fractions. A
+    tile covers the mask pixels from the one its corner lies in to the one before its far edge
+    (at least one), those inside the mask; a grid row's fractions come from running sums over
+    its band of rows."""
     tile0 = plan.reader.side0
     xs = np.arange(0, plan.width - tile0 + 1e-6, plan.step0)
     left, right = mask_span(xs, tile0, plan.thumb_scale, mask.shape[1])
@@ -532,7 +541,7 @@ def tissue_tiles(mask: np.ndarray, plan: ReadPlan, min_tissue: float) -> tuple[n
         sums = np.concatenate([[0], np.cumsum(mask[top:bottom].sum(axis=0))])
         area = (bottom - top) * (right - left)
         fraction = np.divide(sums[right] - sums[left], area, out=np.zeros(len(xs)), where=area > 0)
-        keep = fraction >= min_tissue
+        keep = (fraction > 0) & (fraction >= min_tissue)
         coords += [(int(round(x)), int(round(y))) for x in xs[keep]]
         tissue += fraction[keep].tolist()
     return np.array(coords, dtype=np.int64).reshape(-1, 2), tissue
@@ -569,9 +578,10 @@ def no_tile_warning(path: Path, plan: ReadPlan, options: TilingOptions, tissue_m
         return (f"{path} gave 0 patches: a {options.size} px tile at {options.mpp:g} um/px spans "
                 f"{plan.reader.side0:.0f} level-0 pixels, more than the slide's {plan.width} x {plan.height} at "
                 f"{plan.level0_mpp:g} um/px; check --slide_mpp (0.25 for 40x, 0.5 for 20x), or lower --size or --mpp")
-    return (f"{path} gave 0 patches: no tile holds {options.min_tissue:.0%} tissue ({tissue_mm2} mm2 of tissue "
-            f"found); see {THUMBNAILS}/{path.stem}.png in the job folder, and lower --min_tissue or set "
-            "--saturation_threshold")
+    need, lower = (("touches tissue", "") if options.min_tissue == 0
+                   else (f"holds {options.min_tissue:.0%} tissue", "lower --min_tissue or "))
+    return (f"{path} gave 0 patches: no tile {need} ({tissue_mm2} mm2 of tissue found); see "
+            f"{THUMBNAILS}/{path.stem}.png in the job folder, and {lower}set --saturation_threshold")
 
 
 def tumour_fractions(coords: np.ndarray, tile0: float, region: shapely.Geometry) -> np.ndarray:
@@ -697,12 +707,13 @@ def polygon_outlines(region: shapely.Geometry | None, scale: float) -> list[list
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m clusiam.tile", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="python -m clusiam.tile", description=__doc__.split("\n\n")[0])
     parser.add_argument("slides", type=Path, help="a slide file or a folder of slides")
     parser.add_argument("--out", type=Path, required=True,
                         help="JOB: the job folder (patches, coordinates, thumbnails, tables, job.json)")
     parser.add_argument("--classes", type=Path, default=None,
-                        help="slides.csv (slide, label): patches go under patches/<label>/<slide>/")
+                        help="slides.csv (slide, label): patches go under patches/<label>/<slide>/ (default: "
+                        "patches/<slide>/)")
     parser.add_argument("--workers", type=int, default=None,
                         help="slides tiled in parallel (default: the cores, or as many as the available memory holds "
                         f"at {SLIDE_PEAK_MIB} MiB a slide)")
@@ -884,23 +895,9 @@ def tile_slides(slides: Sequence[Path], job: Path, classes: dict[str, str], opti
 def default_workers() -> int:
     """Slides tiled at once when --workers is left out: one per core, as many as the available
     memory holds at ``SLIDE_PEAK_MIB`` each, and at least one; said on the console."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    memory = available_mib()
-    workers = max(1, min(cores, memory // SLIDE_PEAK_MIB))
-    print(f"--workers {workers}: {cores} core(s), {memory / 1024:.1f} GiB of memory available at {SLIDE_PEAK_MIB} MiB "
-          "a slide (pass --workers to choose)")
+    workers, why = default_processes("--workers", SLIDE_PEAK_MIB, "a slide")
+    print(why)
     return workers
-
-
-def available_mib() -> int:
-    """Memory the system can give without swapping (Linux's MemAvailable), else its free memory, in MiB."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) // 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") // 2**20
 
 
 def read_job(job: Path) -> dict:
@@ -1002,9 +999,10 @@ def tile(args: argparse.Namespace) -> dict:
         raise DataError(f"none of the {len(slides)} slide(s) could be tiled; the reasons are in {failed_list}")
     warned = sum(1 for row in rows if row["warnings"])
     what = "coordinates of " if options.coords_only else ""
-    print(f"{what}{sum(r['tiles'] for r in rows)} patches from {len(rows)} slides into {job}"
-          + (f"; {warned} slide(s) with warnings (in tiles.csv)" if warned else "")
-          + (f"; {len(failed)} slide(s) could not be read (listed in {failed_list})" if failed else ""))
+    patches = counted(sum(row["tiles"] for row in rows), "patch", "patches")
+    print(f"{what}{patches} from {counted(len(rows), 'slide')} into {job}"
+          + (f"; {counted(warned, 'slide')} with warnings (in tiles.csv)" if warned else "")
+          + (f"; {counted(len(failed), 'slide')} could not be read (listed in {failed_list})" if failed else ""))
     return {"rows": rows, "failed": failed, "job": job}
 
 

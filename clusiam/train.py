@@ -175,7 +175,7 @@ def check_source(data_dir: Path | None, args: argparse.Namespace) -> tuple[Patch
 def check_slides(pairs: Sequence[tuple[Path, Path]], args: argparse.Namespace) -> tuple[SlideSource, Checked]:
     """Each slide checked (:meth:`SlideSource.checked`), and its patches large enough for the views."""
     source, checked = SlideSource.checked(pairs, args.patch_size, args.skip_bad_files,
-                                          skip_advice="pass --skip_bad_files to leave them out")
+                                          skip_advice="pass --skip_bad_files to leave them out", defer=True)
     source.open_slides = max(OPEN_SLIDES, 2 * args.slides_per_batch)  # each process reads at most this many at once
     if source.patch_size < args.image_size:
         raise ConfigError(f"the slides' patches are {source.patch_size} px, smaller than --image_size "
@@ -218,8 +218,8 @@ def normalization(args: argparse.Namespace, checkpoint: dict | None, source: Pat
         return checkpoint["normalization"]["mean"], checkpoint["normalization"]["std"]
     if args.mean is not None:
         return args.mean, args.std
-    cache = Path(args.save_path) / "normalization.json"
-    return main_computes(lambda: cached_channel_statistics(source, cache, args.num_worker, skipped))
+    statistics = main_computes(lambda: cached_channel_statistics(source, args.num_worker, skipped))
+    return statistics.mean, statistics.std
 
 
 def view_pipeline(args: argparse.Namespace, source: PatchSource, mean: Sequence[float], std: Sequence[float],

@@ -35,7 +35,7 @@ from sklearn.model_selection import StratifiedKFold, train_test_split
 from tqdm import tqdm
 
 from clusiam.checkpoint import load_checkpoint
-from clusiam.distributed import resolve_device
+from clusiam.distributed import DEVICE_HELP, resolve_device
 from clusiam.errors import CommandParser, ConfigError, DataError, InRange, report_command_line
 from clusiam.files import check_output_folder, file_digest, make_folder
 from clusiam.ledger import SEEN_LABEL, SeenInPretraining, pretraining_slides
@@ -60,12 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--feats", required=True, help="folder of <slide>.h5 bags (mil.compute_feats)")
     parser.add_argument("--labels", required=True, help="CSV with columns slide, label")
     parser.add_argument("--split", default=None,
-                        help="CSV with columns slide, split (train/val/test); e.g. the official Camelyon16 split")
+                        help="CSV with columns slide, split (train/val/test); e.g. the official Camelyon16 split "
+                             "(default: a seeded stratified split, see --test_fraction and --val_fraction)")
     parser.add_argument("--out", required=True, help="report folder")
     parser.add_argument("--positive", default=None, help="the positive class (default: tumor when present)")
     parser.add_argument("--num_classes", type=int, default=2, choices=[1, 2],
                         help="2: independent sigmoids for negative and positive (the CluSiam table); 1: one sigmoid")
-    parser.add_argument("--aggregator", default="dsmil", choices=list(AGGREGATORS))
+    parser.add_argument("--aggregator", default="dsmil", choices=list(AGGREGATORS),
+                        help="the MIL model: DSMIL (the paper's), ABMIL (gated attention), or max or mean pooling")
     parser.add_argument("--average", default=True, action=argparse.BooleanOptionalAction,
                         help="DSMIL's score = mean of sigmoid(bag) and sigmoid(max instance) (its 2023 default)")
     parser.add_argument("--epochs", type=int, default=50, action=InRange, at_least=1)
@@ -87,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="share of the non-test slides for validation, when no --split is given")
     parser.add_argument("--refuse_seen", action="store_true",
                         help="stop when the bags' checkpoint saw any test slide in pretraining (or that is unknown)")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     return parser
 
 

@@ -81,6 +81,13 @@ def advised_flags(text: str) -> set[str]:
 
 
 @pytest.fixture(autouse=True)
+def own_cache(tmp_path_factory, monkeypatch):
+    """Each test keeps slide checks and statistics (clusiam.kept) in a folder of its own,
+    which the commands it runs inherit: no test reuses what another computed."""
+    monkeypatch.setenv("CLUSIAM_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture(autouse=True)
 def advice_names_only_flags_the_command_has(monkeypatch):
     import argparse
 

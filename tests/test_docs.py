@@ -71,6 +71,27 @@ def test_the_options_page_lists_every_option_of_every_command(site):
         assert options <= shown, f"{command}: {sorted(options - shown)} missing from the options page"
 
 
+def shown_default(action: argparse.Action) -> str:
+    """A default as ``--help`` writes it: a list's values side by side."""
+    value = action.default
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+@pytest.mark.parametrize("command", list(hooks.COMMANDS))
+def test_help_shows_every_options_default_once_and_never_none(command):
+    """Every option with a default other than None shows it in ``--help``, once, unless it is a
+    switch (off unless given); an option left unset says in words what that means, not None."""
+    parser = hooks.COMMANDS[command]()
+    assert "(default: None)" not in parser.format_help()
+    formatter = parser._get_formatter()  # each option's part of format_help(), as it prints it
+    for action in parser._actions:
+        shown = " ".join(formatter._format_action(action).split())
+        switch = action.nargs == 0 and not isinstance(action, argparse.BooleanOptionalAction)
+        if action.default is None or action.default == argparse.SUPPRESS or switch:
+            continue
+        assert shown.count("(default: ") == 1 and f"(default: {shown_default(action)})" in shown, (command, shown)
+
+
 def test_the_troubleshooting_page_lists_every_error_type_and_raise(site):
     troubleshooting = page(site[1], "troubleshooting")
     types = [error.__name__ for error in hooks.error_types()]

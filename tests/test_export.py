@@ -280,7 +280,7 @@ def test_the_model_card_says_what_the_encoder_saw_and_quotes_its_report(tiny_che
     assert "- **Method:** clusiam, 8 clusters, alpha 0.5" in card and "- **Backbone:** resnet18" in card
     ledger = state["pretraining_slides"]
     assert f"{len(ledger['names'])} slides, {ledger['patches']} patches" in card
-    assert "1 of 1 epochs, global batch 16" in card and "**Initial weights:** random" in card
+    assert "1 of 1 epoch, global batch 16" in card and "**Initial weights:** random" in card
     for row in rows:
         assert f"| {format(row['f1'], '.4f')} | {row['macro_f1']:.4f} |" in card
     assert "Test slides seen in pretraining: 2 of 2." in card

@@ -24,14 +24,14 @@ def test_every_step_runs_on_cpu_and_reports_its_figures(tmp_path):
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     steps = {step["name"]: step for step in report["steps"]}
     assert report["failed"] is None and all(step["returncode"] == 0 for step in steps.values())
-    assert [name for name in steps if name.startswith("smoke_")] == ["smoke_clusiam", "smoke_clubyol", "smoke_mit_b1"]
-    for network in ("clusiam", "clubyol", "mit_b1"):  # one network per family in the tiny setting
+    assert [name for name in steps if name.startswith("smoke_")] == ["smoke_clusiam", "smoke_mit_b1"]
+    for network in ("clusiam", "mit_b1"):  # one network per backbone family in the tiny setting
         assert all(math.isfinite(loss) for loss in steps[f"smoke_{network}"]["figures"]["losses"])
     for network in ("clusiam",):  # the tiny setting resumes one network (the same code for every backbone)
         first, resumed = steps[f"smoke_{network}"]["figures"]["losses"], steps[f"resume_{network}"]["figures"]["losses"]
         assert len(resumed) == len(first) + 1 and resumed[: len(first)] == first  # one more epoch, resumed
         assert all(math.isfinite(loss) for loss in resumed)
-    for method in ("clusiam", "clubyol"):
+    for method in ("clusiam",):  # one method in the tiny setting
         rates = steps[f"throughput_{method}"]["figures"]
         assert set(rates) == {"model only", "end to end", "paper pipeline"}
         assert rates["model only"]["of_model_only"] == 1.0 and all(r["images_per_s"] > 0 for r in rates.values())

@@ -300,6 +300,33 @@ def test_compute_feats_writes_one_bag_per_slide_and_resumes(tiny_demo, tiny_chec
         assert handle.attrs["resize"] == 48 and handle["features"].shape == (16, 512)
 
 
+def test_compute_feats_loads_with_what_the_machine_holds_unless_told(tiny_demo, tiny_checkpoint, tmp_path, capsys,
+                                                                     monkeypatch):
+    from mil.compute_feats import CPU_BATCH, GPU_BATCH, WORKER_PEAK_MIB, build_parser, loading_defaults
+
+    cores = len(os.sched_getaffinity(0))
+    assert compute_main(["--checkpoint", str(tiny_checkpoint), "--patches", str(tiny_demo), "--out",
+                         str(tmp_path / "feats"), "--device", "cpu"]) == 0
+    assert len(list((tmp_path / "feats").glob("*.h5"))) == 4
+    batch, workers = capsys.readouterr().out.splitlines()[:2]
+    assert batch == f"--batch_size {CPU_BATCH}: encoding on a CPU ({GPU_BATCH} on a GPU; pass --batch_size to choose)"
+    count = int(workers.split(":")[0].removeprefix("--num_workers "))
+    assert 1 <= count <= cores and workers.startswith(f"--num_workers {count}: {cores} core(s), ")
+    assert workers.endswith(f"at {WORKER_PEAK_MIB} MiB a worker (pass --num_workers to choose)")
+
+    def resolved(device, *flags):
+        args = build_parser().parse_args(["--checkpoint", "a.pth", "--patches", "p", "--out", "o", *flags])
+        loading_defaults(args, torch.device(device))
+        return args.batch_size, args.num_workers
+
+    assert resolved("cuda")[0] == GPU_BATCH  # the device's type decides: no GPU is needed to check it
+    capsys.readouterr()
+    assert resolved("cpu", "--batch_size", "3", "--num_workers", "0") == (3, 0)  # a flag wins, and is not remarked on
+    assert capsys.readouterr().out == ""
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(cores))  # torchrun's processes on this node share its cores
+    assert resolved("cpu")[1] == 1
+
+
 def test_a_corrupt_patch_met_in_a_loader_worker_is_one_error_line_naming_it(tiny_checkpoint, tmp_path, capsys):
     slide = tmp_path / "patches" / "slide_a"
     slide.mkdir(parents=True)
@@ -390,7 +417,7 @@ def test_compute_feats_from_slides_writes_the_bags_of_the_same_patches_as_files(
     assert compute_main([*common, "--patches", str(setup.patches), "--out", str(files)]) == 0
     job_args = [*common, "--job", str(setup.job), "--out", str(job), "--pt_files"]
     assert compute_main(job_args) == 0
-    assert f"4 slides encoded, 0 already done, into {job}; 4 pt_files written" in capsys.readouterr().out
+    assert f"4 slides encoded, 0 already done, into {job}; 4 tensors written to pt_files" in capsys.readouterr().out
     trident = tmp_path / "trident"  # TRIDENT's names: <slide>_patches.h5; the bags are named after the slides
     trident.mkdir()
     for name in SLIDES:
@@ -412,21 +439,21 @@ def test_compute_feats_from_slides_writes_the_bags_of_the_same_patches_as_files(
         tensor = torch.load(job / "pt_files" / f"{name}.pt", weights_only=True)
         assert tensor.dtype == torch.float32 and np.array_equal(tensor.numpy(), features)
     assert compute_main(job_args) == 0
-    assert f"0 slides encoded, 4 already done, into {job}; 0 pt_files written" in capsys.readouterr().out
+    assert f"0 slides encoded, 4 already done, into {job}; 0 tensors written to pt_files" in capsys.readouterr().out
     with h5py.File(setup.coords / "tumor_a.h5", "r+") as retiled:  # the slide tiled again: one patch fewer
         attributes = dict(retiled["coords"].attrs)
         corners = retiled["coords"][1:]
         del retiled["coords"]
         retiled.create_dataset("coords", data=corners).attrs.update(attributes)
     assert compute_main(job_args) == 0
-    assert f"1 slides encoded, 3 already done, into {job}; 1 pt_files written" in capsys.readouterr().out
+    assert f"1 slide encoded, 3 already done, into {job}; 1 tensor written to pt_files" in capsys.readouterr().out
     with h5py.File(job / "tumor_a.h5") as bag:
         np.testing.assert_array_equal(bag["coords"][:], corners)
     # Bags encoded again without --pt_files leave their tensors stale: the next --pt_files run rewrites them from
     # the bags, encoding nothing.
     assert compute_main([*job_args[:-1], "--resize", "48"]) == 0
     assert compute_main([*job_args, "--resize", "48"]) == 0
-    assert f"0 slides encoded, 4 already done, into {job}; 4 pt_files written" in capsys.readouterr().out
+    assert f"0 slides encoded, 4 already done, into {job}; 4 tensors written to pt_files" in capsys.readouterr().out
     with h5py.File(job / "tumor_a.h5") as bag:
         assert torch.equal(torch.load(job / "pt_files" / "tumor_a.pt", weights_only=True),
                            torch.from_numpy(bag["features"][:]))
@@ -462,8 +489,8 @@ def test_compute_feats_layouts_put_the_bags_where_clam_and_trident_load_them(tin
     assert sorted(p.name for p in out.iterdir()) == sorted(f"{name}.h5" for name in SLIDES)
     assert compute_main([*args, "--layout", "clam", "trident"]) == 0  # the bags there are laid out, not encoded again
     trident = out / "20x_32px_0px_overlap" / "features_clusiam_resnet18"
-    assert capsys.readouterr().out.endswith(f"0 slides encoded, 4 already done, into {out}; 4 pt_files written; bags "
-                                            f"linked into {trident}, {out / 'h5_files'}\n")
+    assert capsys.readouterr().out.endswith(f"0 slides encoded, 4 already done, into {out}; 4 tensors written to "
+                                            f"pt_files; bags linked into {trident}, {out / 'h5_files'}\n")
     for name in SLIDES:
         assert os.readlink(out / "h5_files" / f"{name}.h5") == f"../{name}.h5"
         assert os.readlink(trident / f"{name}.h5") == f"../../{name}.h5"

@@ -5,8 +5,10 @@ The helpers at the top build those inputs for tests/test_train.py and tests/test
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import sqlite3
 from pathlib import Path
 
 import h5py
@@ -162,6 +164,65 @@ def test_coordinates_of_another_slide_or_outside_the_slide_are_refused_naming_th
     assert "pair each coordinate file" in checked.bad[1][1]
 
 
+def kept_checks(cache: Path) -> dict[str, dict]:
+    with sqlite3.connect(cache / "kept.sqlite") as connection:
+        return {key: json.loads(value) for key, value in connection.execute("SELECT key, value FROM slide_checks")}
+
+
+def test_a_slides_check_is_kept_across_runs_and_made_again_when_either_file_changes(tmp_path):
+    cache = Path(os.environ["CLUSIAM_CACHE"])  # the test's own (conftest)
+    pairs = job_pairs(write_job(tmp_path / "job", names=("a", "b", "c")))
+    source, _ = SlideSource.checked(pairs)
+    readers = [entry.reader for entry in source.entries]
+    assert [entry.read_size for entry in readers] == [PATCH, 2 * PATCH, PATCH]  # b has no 10x level
+    kept = kept_checks(cache)
+    assert len(kept) == 3 and sorted(verdict["reader"]["read_size"] for verdict in kept.values()) == [32, 32, 64]
+
+    # A marker in every kept verdict: a check that reuses them comes back with it, without opening a slide.
+    with sqlite3.connect(cache / "kept.sqlite") as connection:
+        for key, verdict in kept.items():
+            verdict["reader"]["read_size"] = 99
+            connection.execute("UPDATE slide_checks SET value = ? WHERE key = ?", [json.dumps(verdict), key])
+    assert [entry.reader.read_size for entry in SlideSource.checked(pairs)[0].entries] == [99, 99, 99]
+
+    # A slide rewritten (its size and modification time change) and a coordinate file touched: checked again.
+    shutil.copyfile(pairs[0][0], tmp_path / "copy.tif")
+    pairs[0][0].unlink()
+    shutil.copyfile(tmp_path / "copy.tif", pairs[0][0])
+    os.utime(pairs[2][1], ns=(1, 1))
+    again = SlideSource.checked(pairs)[0]
+    assert [entry.reader.read_size for entry in again.entries] == [PATCH, 99, PATCH]
+    assert len(kept_checks(cache)) == 5  # the new verdicts beside the old ones
+    assert [np.asarray(again.read(i)).shape for i in (0, 32)] == [(PATCH, PATCH, 3)] * 2
+    with pytest.raises(DataError, match="b.tif changed since it was checked .*read_size=64.* not .*read_size=99"):
+        again.read(16)  # the reader of a slide checks it again as it opens it: a wrong verdict reads nothing
+
+
+def test_pretraining_leaves_a_slide_whose_coordinates_record_its_size_to_its_first_reader(tmp_path):
+    """Opening a scanner-size slide costs about 60 ms of parsing: a run over 2,000 slides would
+    spend two minutes of one core before its first step. A TRIDENT or tiler coordinate file
+    says the slide's size and the field of view, which is all the patches' count needs; the
+    process that opens the slide to read checks it then, before any of its pixels is read."""
+    cache = Path(os.environ["CLUSIAM_CACHE"])
+    small, large = write_slide(tmp_path / "small.tif", 0, side=128), write_slide(tmp_path / "large.tif", 1)
+    of_large = write_coords(tmp_path / "large.h5", grid(SLIDE_SIDE, SLIDE_SIDE), tiler_attributes(large))
+    source, checked = SlideSource.checked([(large, of_large), (small, of_large)], defer=True)
+    assert [entry.reader for entry in source.entries] == [None, None] and len(checked.good) == 2
+    assert not (cache / "kept.sqlite").exists() or kept_checks(cache) == {}
+    assert np.array_equal([np.asarray(source.read(i)) for i in range(16)],
+                          pixels(SlideSource.checked([(large, of_large)])[0]))
+    with pytest.raises(DataError, match=rf"{re.escape(str(small))}: cannot be opened \(.*was made from a slide of 256 "
+                                        r"x 256 pixels, but .*small.tif is 128 x 128"):
+        source.read(16)
+
+    # CLAM's coordinates record no size: checked before, as every other command checks every slide.
+    clam = write_coords(tmp_path / "clam.h5", grid(SLIDE_SIDE, SLIDE_SIDE), clam_attributes(level=1))
+    with pytest.raises(DataError, match=r"12 of 16 patches lie wholly outside .*small.tif"):
+        SlideSource.checked([(small, clam)], defer=True)
+    with pytest.raises(SlideError, match=rf"{re.escape(str(tmp_path / 'gone.tif'))}: not a readable slide"):
+        SlideSource.checked([(tmp_path / "gone.tif", of_large)], defer=True)  # a missing slide: at once
+
+
 def test_slides_are_paired_by_name_and_bad_inputs_are_named(tmp_path):
     job = write_job(tmp_path / "job", names=("b", "a"))
     record = json.loads((job / "job.json").read_text())
@@ -204,7 +265,7 @@ def test_one_patch_size_for_all_slides_and_an_unreadable_slide_is_named(tmp_path
         SlideSource.checked([(broken, at_32)])
     source, checked = SlideSource.checked([(broken, at_32), (slide, at_32)], skip=True)
     assert len(source) == 16 and checked.bad[0][0] == broken and "not a readable slide" in checked.bad[0][1]
-    with pytest.raises(DataError, match=r"none of the 1 slides can be read; first: .*broken.tif"):
+    with pytest.raises(DataError, match=r"the one slide cannot be read; first: .*broken.tif"):
         SlideSource.checked([(broken, at_32)], skip=True)
 
 
@@ -234,7 +295,7 @@ def test_a_slide_lost_under_skip_is_listed_once_and_passed_over_in_one_step(tmp_
     for index in range(int(source.offsets[1]), int(source.offsets[2])):  # every patch of the lost slide
         assert np.array_equal(patches[index], first_of_c)
     lines = skipped.path.read_text().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"{lost}\tcannot be opened any more ({lost}: not a readable slide")
+    assert len(lines) == 1 and lines[0].startswith(f"{lost}\tcannot be opened ({lost}: not a readable slide")
     assert source.next_to_try(int(source.offsets[1]) + 3) == int(source.offsets[2])
     assert source.next_to_try(0) == 1  # a slide that opens: the next patch
 

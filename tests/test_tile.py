@@ -217,6 +217,31 @@ def coarse(slides, out, *extra):
     return tile_main([str(slides), "--out", str(out), "--workers", "1", "--mpp", "4", "--size", "32", *extra])
 
 
+def kept_fractions(slide, out, min_tissue):
+    """The tissue fractions the coordinate file records for the tiles ``--min_tissue`` keeps, and
+    the tiles of the whole grid, from the tile side and slide size it records."""
+    assert coarse(slide, out, "--coords_only", "--min_tissue", min_tissue) == 0
+    with h5py.File(out / "coords" / f"{slide.stem}.h5") as handle:
+        attributes, fractions = dict(handle["coords"].attrs), handle["tissue_fraction"][:]
+    side = attributes["patch_size_level0"]  # the grid steps by a whole tile: no --overlap
+    grid = ((attributes["level0_width"] - side) // side + 1) * ((attributes["level0_height"] - side) // side + 1)
+    return fractions, grid
+
+
+def test_min_tissue_0_keeps_the_tiles_that_touch_tissue_as_tridents_does(slides, tmp_path):
+    touching, grid = kept_fractions(slides / "cmu.svs", tmp_path / "zero", "0")
+    some, _ = kept_fractions(slides / "cmu.svs", tmp_path / "some", "0.01")
+    assert grid == 8 * 11 and 20 <= len(touching) < grid  # the slide's glass beside the tissue is not kept
+    assert touching.min() > 0 and len(touching) >= len(some) >= 20 and some.min() >= 0.01
+
+
+def test_the_summary_speaks_of_one_slide_in_the_singular(slides, tmp_path, capsys):
+    assert coarse(slides / "cmu.svs", tmp_path / "p", "--coords_only") == 0
+    tiles = read_rows(tmp_path / "p" / "tiles.csv")[0]["tiles"]
+    summary = capsys.readouterr().out.splitlines()[-1]
+    assert summary == f"coordinates of {tiles} patches from 1 slide into {tmp_path / 'p'}"
+
+
 def test_a_slide_without_annotation_file_is_labelled_normal_throughout(slides, tmp_path, capsys):
     (tmp_path / "annotations").mkdir()  # Camelyon16's normal slides have no XML
     assert coarse(slides, tmp_path / "p", "--annotations", str(tmp_path / "annotations")) == 0
@@ -266,7 +291,7 @@ def test_coords_only_writes_no_patch_and_its_coordinates_read_the_pixels_a_patch
 
 def pyramid_job(tmp_path, downsamples, magnification):
     """A 256 px square of noise at 0.25 um/px (40x) with the given pyramid levels, tiled at
-    0.5 um/px into 32 px patches, every tile kept."""
+    0.5 um/px into 32 px patches, every tile kept (the noise, grey on the mask, counted as tissue)."""
     from conftest import write_pyramid
 
     image = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
@@ -274,7 +299,7 @@ def pyramid_job(tmp_path, downsamples, magnification):
                           magnification=magnification)
     job = tmp_path / "job"
     assert tile_main([str(slide), "--out", str(job), "--workers", "1", "--mpp", "0.5", "--size", "32",
-                      "--min_tissue", "0"]) == 0
+                      "--min_tissue", "0", "--saturation_threshold", "0", "--min_object_um2", "0"]) == 0
     return job
 
 
@@ -341,6 +366,9 @@ def test_a_slide_that_now_fails_leaves_nothing_of_its_earlier_tiling(tmp_path, c
      "a 32 px tile at 4 um/px spans 128000 level-0 pixels, more than the slide's 2220 x 2967 at 0.001 um/px; "
      "check --slide_mpp"),
     (["--saturation_threshold", "1"], "no tile holds 60% tissue (0.0 mm2 of tissue found); see thumbnails/cmu.png"),
+    (["--saturation_threshold", "1", "--min_tissue", "0"],
+     "no tile touches tissue (0.0 mm2 of tissue found); see thumbnails/cmu.png in the job folder, and set "
+     "--saturation_threshold"),
 ])
 def test_a_slide_that_gives_no_patch_is_a_warning_naming_it(slides, tmp_path, capsys, extra, reason):
     assert coarse(slides, tmp_path / "p", *extra) == 0
@@ -701,7 +729,7 @@ def test_a_killed_job_keeps_the_slides_it_finished_and_resumes_with_the_rest(tmp
 
     folder, job = tmp_path / "slides", tmp_path / "job"
     folder.mkdir()
-    for index in range(8):
+    for index in range(5):
         (folder / f"s{index}.svs").symlink_to(CMU_SLIDE)
     command = [sys.executable, "-m", "clusiam.tile", str(folder), "--out", str(job), "--workers", "1",
                "--mpp", "1", "--size", "64"]
@@ -711,23 +739,23 @@ def test_a_killed_job_keeps_the_slides_it_finished_and_resumes_with_the_rest(tmp
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     done = {path.stem: path.stat().st_mtime_ns for path in (job / "coords").glob("*.h5")}
-    assert 2 <= len(done) < 8 and not (job / "tiles.csv").exists()
+    assert 2 <= len(done) < 5 and not (job / "tiles.csv").exists()
     assert tile_main([str(folder), "--out", str(job), "--workers", "1", "--mpp", "1", "--size", "64"]) == 0
-    assert f"skipped {len(done)} of 8 slide(s)" in capsys.readouterr().out
+    assert f"skipped {len(done)} of 5 slide(s)" in capsys.readouterr().out
     assert {name: (job / "coords" / f"{name}.h5").stat().st_mtime_ns for name in done} == done
     rows = read_rows(job / "tiles.csv")
-    assert [row["slide"] for row in rows] == [f"s{index}" for index in range(8)]
+    assert [row["slide"] for row in rows] == [f"s{index}" for index in range(5)]
     assert len({row["tiles"] for row in rows}) == 1 and not (job / ".unfinished").exists()
-    assert len(json.loads((job / "job.json").read_text())["slides"]) == 8
+    assert len(json.loads((job / "job.json").read_text())["slides"]) == 5
 
 
 def test_the_default_workers_are_the_cores_or_what_the_memory_holds(monkeypatch, capsys):
-    from clusiam import tile
+    from clusiam import machine, tile
 
     cores = len(os.sched_getaffinity(0))
-    monkeypatch.setattr(tile, "available_mib", lambda: 64 * tile.SLIDE_PEAK_MIB)
+    monkeypatch.setattr(machine, "available_mib", lambda: 64 * tile.SLIDE_PEAK_MIB)
     assert tile.default_workers() == min(cores, 64)
-    monkeypatch.setattr(tile, "available_mib", lambda: tile.SLIDE_PEAK_MIB - 1)
+    monkeypatch.setattr(machine, "available_mib", lambda: tile.SLIDE_PEAK_MIB - 1)
     assert tile.default_workers() == 1
     assert capsys.readouterr().out.splitlines()[-1] == (
         f"--workers 1: {cores} core(s), 0.7 GiB of memory available at {tile.SLIDE_PEAK_MIB} MiB a slide (pass "
