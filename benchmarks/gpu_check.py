@@ -62,16 +62,16 @@ class Setting:
 
 FULL = Setting(patches=25_600, patch_size=224, image_size=224, batch_size=512, mit_batch_size=256,
                smoke=(*METHODS, "mit_b1"), smoke_epochs=3,
-               resumed=(*METHODS, "mit_b1"), throughput=("clusiam", "clubyol"), workers=16, throughput_steps=40, knn_size=100_000, loss_seeds=(0, 1),
-               loss_epochs=2)
+               resumed=(*METHODS, "mit_b1"), throughput=("clusiam", "clubyol"), workers=16, throughput_steps=40,
+               knn_size=100_000, loss_seeds=(0, 1), loss_epochs=2)
 # The CPU test runs every command the check runs once: one network per backbone family (the methods are one
 # command with another --model_type, and each method's CLI run is tested in tests/test_train.py), one resumed
 # (resuming restores the model's and the optimizer's state dicts, the same code for every method and backbone) and
 # one throughput run; the full check runs each.
 TINY = Setting(patches=48, patch_size=64, image_size=32, batch_size=8, mit_batch_size=8,
                smoke=("clusiam", "mit_b1"), smoke_epochs=1,
-               resumed=("clusiam",), throughput=("clusiam",), workers=0, throughput_steps=2, knn_size=500, loss_seeds=(0,),
-               loss_epochs=1)
+               resumed=("clusiam",), throughput=("clusiam",), workers=0, throughput_steps=2, knn_size=500,
+               loss_seeds=(0,), loss_epochs=1)
 
 
 @dataclass

@@ -670,6 +670,38 @@ def test_a_slide_too_large_for_a_fine_mask_is_masked_coarser_with_about_the_same
     assert before > 100 and abs(after - before) <= 0.05 * before
 
 
+def test_the_mask_of_a_large_slide_takes_memory_bounded_by_its_caps_not_by_the_slide(tmp_path, monkeypatch):
+    """The tissue mask's arrays stay within what MASK_PIXELS and STRIP_PIXELS allow, however
+    large the slide (here caps 64 and 256 times smaller than the defaults stand for a scanner
+    slide's, on a 6,000 px slide): NumPy's allocations, traced, at their peak. Today's float64
+    saturation image of the 4 um/px thumbnail alone would be 13.5 MB; benchmarks/tile_cohort.py
+    measures the whole process at scanner size (262-269 MiB)."""
+    import tracemalloc
+
+    from clusiam import tile
+    from conftest import write_pyramid
+
+    image = np.full((6000, 6000, 3), 235, dtype=np.uint8)  # glass, with the CC0 slide's tissue in a corner
+    image[:2967, :2220] = crop(0, 0, 2220, 2967)
+    path = write_pyramid(tmp_path / "large.tif", image, mpp=0.5, downsamples=(1, 4, 16), magnification=20)
+    del image
+    monkeypatch.setattr(tile, "MASK_PIXELS", 2**14)
+    monkeypatch.setattr(tile, "STRIP_PIXELS", 2**16)
+    options = tile.TilingOptions(mpp=1.0, size=64)
+    tile.saturation_table()  # made once a process (from 65,536 pixels): not the slide's
+    with open_slide(path) as slide:
+        plan = tile.plan_reading(slide, path, options)
+        tracemalloc.start()
+        mask, *_ = tile.find_tissue(slide, path, plan, options)
+        coords, _ = tile.tissue_tiles(mask, plan, options.min_tissue)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert mask.size <= 2**14 and 100 <= len(coords) <= 200  # the tissue found at a coarser mask
+    float_saturation = (6000 * 0.5 / 4) ** 2 * 3 * 8  # bytes: the 750 x 750 thumbnail as float64 HSV
+    bound = 8 * 3 * 2**16 + 64 * 2**14  # a strip's RGB as float64, and 64 bytes a mask pixel
+    assert peak < bound < float_saturation / 5, (peak, bound)
+
+
 @pytest.mark.parametrize("tiled", [True, False])
 def test_a_level_read_in_strips_makes_the_image_read_whole(tmp_path, monkeypatch, tiled):
     """A large level is read for the mask a strip of rows at a time, each resized to its rows of
