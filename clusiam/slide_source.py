@@ -32,7 +32,7 @@ import multiprocessing
 import os
 from collections import OrderedDict
 from collections.abc import Collection, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -219,8 +219,11 @@ def kept_verdicts(slides: Sequence[Path], coords: Sequence[SlideCoords | UserErr
     kept; None for a slide whose check ``defer`` leaves to its first reader (its coordinate
     file records its size and field of view); the error of a slide that is not there or whose
     coordinates could not be read."""
-    keys = [listed if isinstance(listed, UserError) else check_key(slide, listed, size or listed.size)
-            for slide, listed in zip(slides, coords)]
+    def key(slide: Path, listed: SlideCoords | UserError) -> str | UserError:
+        return listed if isinstance(listed, UserError) else check_key(slide, listed, size or listed.size)
+
+    with ThreadPoolExecutor(32) as pool:  # a file's size and time: a request each in object storage
+        keys = list(pool.map(key, slides, coords))
     found: dict[str, dict | UserError] = CHECKS.get(key for key in keys if isinstance(key, str))
     needed = [i for i, (key, listed) in enumerate(zip(keys, coords)) if isinstance(key, str) and key not in found
               and not (defer and listed.level0_size and listed.side0)]
