@@ -64,8 +64,10 @@ class Kept:
 
     def put(self, records: Mapping[str, object]) -> None:
         """Keep ``records`` (key: a JSON-serialisable value), replacing any under the same keys."""
+        if not records:
+            return  # nothing to write: the store is not opened (nor made)
         with self._connection() as connection:
-            if connection and records:
+            if connection:
                 connection.executemany(f"INSERT OR REPLACE INTO {self.kind} (key, value) VALUES (?, ?)",
                                        [(key, json.dumps(value)) for key, value in records.items()])
 

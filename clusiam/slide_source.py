@@ -154,30 +154,26 @@ def slide_reader(slide, slide_path: Path, listed: SlideCoords, size: int) -> Pat
 def slide_verdict(slide_path: Path, listed: SlideCoords, size: int) -> dict:
     """The slide opened and checked (see the module's docstring): its level-0 size and how its
     patches are read, as kept."""
-    slide = open_slide(slide_path)
-    try:
-        reader = slide_reader(slide, slide_path, listed, size)
-        width, height = slide.dimensions
-    except BaseException:
-        slide.close()
-        raise
-    level_of(slide, slide_path, reader.level).close()  # refuses a truncated file
+    level, reader, (width, height) = open_patches(SlidePatches(slide_path, listed, listed.coords[:0], size))
+    level.close()
     return {"width": width, "height": height, "reader": dataclasses.asdict(reader)}
 
 
-def open_patches(entry: SlidePatches) -> tuple[LevelTiles | SlideLevel, PatchReader]:
-    """The level of ``entry``'s slide its patches are read from, and how: the slide checked
-    again as it opens (the check of a slide left to its first reader)."""
+def open_patches(entry: SlidePatches) -> tuple[LevelTiles | SlideLevel, PatchReader, tuple[int, int]]:
+    """The level of ``entry``'s slide its patches are read from (a truncated file refused),
+    how, and the slide's level-0 size: the slide checked as it opens, by the check before a
+    run and again by the process that reads it."""
     slide = open_slide(entry.path)
     try:
         reader = slide_reader(slide, entry.path, entry.listed, entry.size)
         if entry.reader not in (None, reader):
             raise DataError(f"{entry.path} changed since it was checked (its patches are now read as {reader}, not "
                             f"{entry.reader}): start the run again")
+        dimensions = tuple(slide.dimensions)
     except BaseException:
         slide.close()
         raise
-    return level_of(slide, entry.path, reader.level), reader
+    return level_of(slide, entry.path, reader.level), reader, dimensions
 
 
 CHECKS = Kept("slide_checks")
@@ -400,7 +396,7 @@ class SlideSource(PatchSource):
             return self._handles[path]
         if path not in self._unopenable:
             try:
-                self._handles[path] = open_patches(entry)
+                self._handles[path] = open_patches(entry)[:2]
             except Exception as error:  # gone, or no longer a slide: every patch of it fails alike
                 self._unopenable[path] = error if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
         if path in self._unopenable:
